@@ -1,0 +1,1 @@
+"""Data curation: which scenes and skills enter each training stage."""

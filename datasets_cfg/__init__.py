@@ -1,0 +1,1 @@
+"""The data layer: the ScenePool schema, real-format sources, and YAML configuration."""

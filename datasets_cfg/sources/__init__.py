@@ -1,0 +1,1 @@
+"""Sources: each turns a real format (or the simulator) into ScenePool rows."""

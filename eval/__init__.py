@@ -1,0 +1,1 @@
+"""Evaluation: CODA-LM corner-case reasoning, NAVSIM PDMS/EPDMS, closed-loop rollouts, reports."""

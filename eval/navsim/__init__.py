@@ -1,0 +1,1 @@
+"""Standalone NAVSIM PDMS (v1) / EPDMS (v2) scorer."""

@@ -1,0 +1,1 @@
+"""Model training stages (align -> router pretraining -> skill tuning) with DeepSpeed."""
