@@ -495,6 +495,42 @@ class ScenePool:
         return cls(Dataset.from_list(rows, features=features()), root)
 
     @classmethod
+    def from_generator(cls, rows: Callable[[], Iterable[dict]], root: str | os.PathLike | None = None, where: str = "rows") -> "ScenePool":
+        """Like `from_rows`, but streams: `rows()` yields rows that are validated and written to Arrow one by one,
+        so a large import (e.g. navtrain) never holds every row in memory."""
+        from datasets import Dataset
+
+        def checked():
+            seen_ids: set[str] = set()
+            seen_qids: set[str] = set()
+            for i, row in enumerate(rows()):
+                validate_row(row, f"{where}[{i}]")
+                if row["id"] in seen_ids:
+                    raise SchemaError(f"{where}[{i}]: field 'id': expected unique ids, got {row['id']!r} again")
+                seen_ids.add(row["id"])
+                for qa in row["qa"]:
+                    if qa["qid"] in seen_qids:
+                        raise SchemaError(f"{where}[{i}] (id={row['id']!r}): field 'qa.qid': expected ids unique in the pool, got {qa['qid']!r} again")
+                    seen_qids.add(qa["qid"])
+                yield row
+
+        # datasets fingerprints the generator for caching; a fresh cache dir avoids reusing a stale result
+        import tempfile
+
+        from datasets.exceptions import DatasetGenerationError
+
+        cache = tempfile.mkdtemp(prefix="scenepool-gen-")  # holds the memory-mapped Arrow until `save`
+        try:
+            return cls(Dataset.from_generator(checked, features=features(), cache_dir=cache), root)
+        except DatasetGenerationError as exc:  # datasets wraps the generator's error: show ours
+            cause = exc.__cause__
+            while cause is not None and not isinstance(cause, SchemaError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                raise cause from None
+            raise
+
+    @classmethod
     def load(cls, path: str | os.PathLike) -> "ScenePool":
         """Open a pool directory written by `save` (no image is read)."""
         from datasets import load_from_disk

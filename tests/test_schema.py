@@ -183,3 +183,15 @@ def test_load_rejects_non_pool_directory(tmp_path):
     (tmp_path / "p" / "pool.json").write_text(json.dumps({"schema_version": 99}))
     with pytest.raises(SchemaError, match="schema_version"):
         ScenePool.load(tmp_path / "p")
+
+
+def test_from_generator_streams_and_checks(tmp_path):
+    pool = ScenePool.from_generator(lambda: (turning_row(f"g{i}") for i in range(3)))
+    assert pool.ids == ["g0", "g1", "g2"]
+    assert pool["g1"].row["agents"] == turning_row("g1")["agents"]
+    with pytest.raises(SchemaError, match="unique ids"):
+        ScenePool.from_generator(lambda: (turning_row("same") for _ in range(2)))
+    bad = turning_row("b")
+    bad["ego"]["x"][0] = float("nan")
+    with pytest.raises(SchemaError, match=r"ego.x\[0\]"):
+        ScenePool.from_generator(lambda: iter([turning_row("ok"), bad]))
