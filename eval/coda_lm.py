@@ -1,0 +1,230 @@
+"""`mose eval coda`: CODA-LM corner-case reasoning — questions, generation, judging, scores.
+
+    mose eval coda --annotations DIR --images DIR (--model CKPT | --predictions FILE) --out DIR
+                   [--judge-url URL --judge-model NAME [--judge-key-env OPENAI_API_KEY]] [--official-prompts CODA_LM_CHECKOUT]
+
+``--annotations`` is a CODA-LM split folder (or a LLaVA-format question list) with ``--images`` the image root,
+or a ScenePool directory whose rows carry CODA-style qa (e.g. held-out simulator scenes). Written to ``--out``:
+
+- ``questions.jsonl``: every question (id, task, question text, image used, reference, class, box);
+  ``region_images/``: the copies with the red box drawn;
+- ``predictions.jsonl`` (with ``--model``): answers keyed by question id, appended batch by batch (resumable);
+- ``judge_cache.jsonl``: the judge's replies by request hash (a re-run asks nothing twice);
+  ``judgements.jsonl``: per question: rating, status (ok / unparseable / failed), reply, error;
+- ``scores.json`` (+ ``scores.png``): judge scores per task and region class (over judged items and with
+  failures as 1), final score, offline BLEU-4 / ROUGE-L / CIDEr-D and object recall, every count, the prompts
+  used (own or official, with a hash) and the judge (URL, model; the key is never written).
+
+Predictions are matched to questions by id. A prediction for an unknown id, a duplicate id or a malformed
+line stops the run with an error naming file and line (or, with ``--skip-invalid``, is skipped and counted);
+a question without a prediction is counted as missing and scores 1 in ``score_failures_as_1``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+from datasets_cfg.schema import SchemaError
+
+
+class PredictionError(ValueError):
+    pass
+
+
+def load_predictions(path: str | os.PathLike, question_ids, skip_invalid: bool = False) -> tuple[dict[str, str], dict]:
+    """{question id: answer} from a JSONL of {"question_id", "answer"}; plus counts of what was skipped and why."""
+    path = Path(path)
+    if not path.is_file():
+        raise PredictionError(f"{path}: predictions file not found")
+    known = set(question_ids)
+    out, skipped, errors = {}, Counter(), []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PredictionError(f"{where}: malformed JSON ({e.msg})", "malformed JSON") from None
+            if not isinstance(rec, dict) or "question_id" not in rec or not isinstance(rec["question_id"], (str, int)):
+                raise PredictionError(f"{where}: field 'question_id': expected a string id", "missing field")
+            if not isinstance(rec.get("answer"), str):
+                raise PredictionError(f"{where}: field 'answer': expected a string, got {rec.get('answer')!r:.60}", "wrong type")
+            qid = str(rec["question_id"])
+            if qid not in known:
+                raise PredictionError(f"{where}: field 'question_id': expected an id of the evaluated questions, got unknown id {qid!r}", "unknown id")
+            if qid in out:
+                raise PredictionError(f"{where}: field 'question_id': expected each id once, got {qid!r} again", "duplicate id")
+            out[qid] = rec["answer"]
+        except PredictionError as e:
+            if not skip_invalid:
+                raise PredictionError(e.args[0]) from None
+            skipped[e.args[1]] += 1
+            errors.append(e.args[0])
+    return out, {"skipped": sum(skipped.values()), "skipped_by_reason": dict(skipped), "first_errors": errors[:20]}
+
+
+def plot_scores(scores: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    judge = scores["judge_scores"]
+    tasks = [t for t in ("general", "region", "suggestion") if t in judge]
+    classes = list(judge.get("region", {}).get("per_class", {}))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1, 2]})
+    for ax, names, vals, title in (
+        (axes[0], tasks, [judge[t] for t in tasks], "CODA-LM tasks"),
+        (axes[1], classes, [judge["region"]["per_class"][c] for c in classes], "region perception per class"),
+    ):
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], [v["score"] or 0 for v in vals], 0.4, label="over judged items")
+        ax.bar([i + 0.2 for i in x], [v["score_failures_as_1"] or 0 for v in vals], 0.4, label="failures as 1")
+        ax.set_xticks(list(x), names, rotation=20)
+        ax.set_ylim(0, 100)
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    from datasets_cfg.atomic import atomic_path
+
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def evaluate(args) -> tuple[dict, int]:
+    """The whole run; returns (scores, exit code)."""
+    from datasets_cfg.atomic import write_json, write_jsonl
+    from datasets_cfg.sources.coda_lm import ImportReport
+    from eval.coda_prompts import load_official_prompts, own_prompts
+    from eval.coda_questions import QuestionBuilder, rows_from
+    from eval.coda_scores import clean, judge_scores, offline_scores
+
+    out = Path(args.out)
+    prompts = load_official_prompts(args.official_prompts) if args.official_prompts else own_prompts()
+    report = ImportReport()
+    rows, root = rows_from(args.annotations, args.images, args.split, args.skip_invalid, report)
+    builder = QuestionBuilder(prompts, out, box_encoding=args.box_encoding, skip_invalid=args.skip_invalid)
+    questions = builder.build(rows, root)
+    if not questions:
+        raise PredictionError(f"{args.annotations}: no question to evaluate")
+    write_jsonl(out / "questions.jsonl", questions)
+
+    if args.model:
+        from eval.coda_generate import Generator
+
+        pred_path = out / "predictions.jsonl"
+        Generator(args.model, args.batch_size, args.max_new_tokens, args.device, args.dtype).run(questions, pred_path)
+    else:
+        pred_path = Path(args.predictions)
+    predictions, pred_report = load_predictions(pred_path, [q["question_id"] for q in questions], args.skip_invalid)
+
+    scores = {
+        "prompts": prompts.describe() | {"box_encoding": args.box_encoding},
+        "inputs": {"annotations": str(args.annotations), "model": args.model, "predictions": str(pred_path),
+                   "annotation_files_skipped": dict(report.skipped), "questions_skipped": dict(builder.skipped_),
+                   "predictions_skipped": pred_report},
+        "counts": dict(Counter(q["task"] for q in questions)),
+        "judge": None,
+        "judge_scores": None,
+    }
+    code = 0
+    if args.judge_url:
+        from eval.coda_judge import JudgeClient, judgement_record
+
+        key = os.environ.get(args.judge_key_env) or None
+        if key is None:
+            print(f"note: ${args.judge_key_env} is not set; sending no Authorization header", file=sys.stderr)
+        client = JudgeClient(args.judge_url, args.judge_model, key, timeout=args.judge_timeout, max_retries=args.judge_retries,
+                             backoff=args.judge_backoff, cache_path=args.judge_cache or out / "judge_cache.jsonl", workers=args.judge_workers,
+                             max_consecutive_failures=args.judge_max_consecutive_failures)
+        items = [(q["question_id"], prompts.messages(q["task"], q["reference"], predictions[q["question_id"]]))
+                 for q in questions if q["question_id"] in predictions]
+        judgements = client.judge_many(items)
+        write_jsonl(out / "judgements.jsonl", [judgement_record(qid, judgements[qid]) for qid, _ in items])
+        scores["judge"] = client.describe()
+        scores["judge_scores"] = judge_scores(questions, predictions, judgements)
+        if client.endpoint_down_:
+            errs = [j.error for j in judgements.values() if j.status == "failed" and j.attempts]
+            print(f"mose eval coda: error: the judge endpoint {client.public_url_} looks down ({len(errs)} item(s) failed after retries; "
+                  f"last error: {errs[-1] if errs else 'n/a'}). Offline metrics are still written.", file=sys.stderr)
+            code = 1
+    scores["offline"] = offline_scores(questions, predictions)
+    scores = clean(scores)
+    write_json(out / "scores.json", scores)
+    if scores["judge_scores"]:
+        plot_scores(scores, out / "scores.png")
+    return scores, code
+
+
+def _print_summary(scores: dict) -> None:
+    js = scores.get("judge_scores") or {}
+    print(f"prompts: {scores['prompts']['source']} ({scores['prompts']['origin']}), box encoding: {scores['prompts']['box_encoding']}")
+    fmt = lambda v: "  n/a" if v is None else f"{v:5.2f}"  # noqa: E731
+    for task in ("general", "region", "suggestion"):
+        off = scores["offline"].get(task)
+        if off is None:
+            continue
+        line = (f"{task:<11} n={off['n']:<5} missing={off['missing']:<4} "
+                f"BLEU-4 {fmt(off['bleu4'])}  ROUGE-L {fmt(off['rouge_l'])}  CIDEr-D {fmt(off['cider_d'])}")
+        if task in js:
+            j = js[task]
+            line += (f" | judge {fmt(j['score'])} (failures as 1: {fmt(j['score_failures_as_1'])}; judged {j['judged']}, "
+                     f"unparseable {j['unparseable']}, failed {j['failed']})")
+        print(line)
+    if "final" in js:
+        print(f"final       {fmt(js['final']['score'])} (failures as 1: {fmt(js['final']['score_failures_as_1'])})")
+    rec = scores["offline"]["object_recall"]
+    print(f"object recall {fmt(rec['recall'])} precision {fmt(rec['precision'])} over {rec['scenes']} scenes")
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--annotations", required=True, help="CODA-LM split folder (or LLaVA-format question list), or a ScenePool directory")
+    parser.add_argument("--images", help="image root holding val/images/ and test/images/ (CODA-LM annotations only)")
+    parser.add_argument("--split", help="split name (default: the annotation folder's name)")
+    parser.add_argument("--out", required=True, help="output folder")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="transformers VLM checkpoint (local folder) to generate answers with")
+    src.add_argument("--predictions", help='JSONL of {"question_id", "answer"} to score')
+    parser.add_argument("--official-prompts", metavar="DIR", help="a checkout of DLUT-LYZ/CODA-LM: use its question and judge prompts")
+    parser.add_argument("--box-encoding", choices=("draw", "text"), default="draw", help="region box: red rectangle on the image, or normalised text")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--judge-url", help="OpenAI-compatible endpoint base URL, e.g. https://api.openai.com/v1 or http://localhost:8000/v1")
+    parser.add_argument("--judge-model", help="judge model name, e.g. gpt-4o-2024-05-13 (the CODA-LM README's judge)")
+    parser.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key (never logged or written)")
+    parser.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per request")
+    parser.add_argument("--judge-retries", type=int, default=4, help="retries per item on transient errors")
+    parser.add_argument("--judge-backoff", type=float, default=1.0, help="first retry delay in seconds (doubles each retry)")
+    parser.add_argument("--judge-workers", type=int, default=4, help="parallel requests")
+    parser.add_argument("--judge-max-consecutive-failures", type=int, default=3, help="items failing in a row before the endpoint counts as down")
+    parser.add_argument("--judge-cache", help="judge reply cache (default: OUT/judge_cache.jsonl)")
+    parser.add_argument("--skip-invalid", action="store_true", help="skip and count bad scenes / predictions instead of stopping")
+
+
+def run(args) -> int:
+    from eval.coda_prompts import PromptError
+
+    if bool(args.judge_url) != bool(args.judge_model):
+        print("mose eval coda: error: --judge-url and --judge-model go together", file=sys.stderr)
+        return 2
+    try:
+        scores, code = evaluate(args)
+    except (SchemaError, PredictionError, PromptError, FileNotFoundError, ValueError) as e:
+        print(f"mose eval coda: error: {e}", file=sys.stderr)
+        return 1
+    _print_summary(scores)
+    print(f"wrote {Path(args.out) / 'scores.json'}")
+    return code

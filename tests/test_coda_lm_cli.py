@@ -1,0 +1,219 @@
+"""`mose eval coda` end to end with predictions files and a fake judge on loopback: hand-computed scores, id
+matching with shuffled files, failures counted, bad predictions, a down endpoint, and the key never written."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from mose.cli import main
+from tests.coda_lm_fixtures import FakeJudge, coda_tree, free_port_url, make_image, official_checkout, rating_from_prediction, sim_pool
+
+SECRET = "sk-test-SECRET-do-not-write-4242"
+# the rating the fake judge gives each question (it reads "rated N" from the prediction)
+RATINGS = {
+    "test_0001:general": 8, "test_0002:general": 5,  # mean 6.5 -> 65
+    "test_0001:region:1": 9, "test_0001:region:2": 3, "test_0002:region:1": 7, "test_0002:region:2": 4, "test_0002:region:3": 2,  # 5 -> 50
+    "test_0001:suggestion": 6, "test_0002:suggestion": 10,  # 8 -> 80
+}
+
+
+@pytest.fixture()
+def root(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    return coda_tree(tmp_path / "coda")
+
+
+def _preds(path, answers: dict, order=None):
+    ids = order or list(answers)
+    path.write_text("".join(json.dumps({"question_id": q, "answer": answers[q]}) + "\n" for q in ids))
+    return path
+
+
+def _args(root, preds, out, *extra):
+    return ["eval", "coda", "--annotations", str(root / "CODA-LM/Mini"), "--images", str(root), "--predictions", str(preds), "--out", str(out),
+            "--judge-retries", "1", "--judge-backoff", "0.01", "--judge-timeout", "5", *extra]
+
+
+def _scores(out):
+    return json.loads((out / "scores.json").read_text())
+
+
+def _all_written_text(folder):
+    return "".join(p.read_bytes().decode("utf-8", "replace") for p in folder.rglob("*") if p.is_file() and p.suffix != ".jpg")
+
+
+def test_scores_match_hand_computed_means_and_ids_not_order(root, tmp_path, capsys):
+    answers = {q: f"The answer for {q}, rated {r}" for q, r in RATINGS.items()}
+    ordered = _preds(tmp_path / "ordered.jsonl", answers)
+    order = list(answers)
+    random.Random(3).shuffle(order)
+    shuffled = _preds(tmp_path / "shuffled.jsonl", answers, order)
+    results = []
+    with FakeJudge() as fake:
+        for name, preds in (("a", ordered), ("b", shuffled)):
+            assert main(_args(root, preds, tmp_path / name, "--judge-url", fake.url, "--judge-model", "judge-x")) == 0
+            results.append(_scores(tmp_path / name))
+    js = results[0]["judge_scores"]
+    assert js == results[1]["judge_scores"]
+    assert (js["general"]["score"], js["region"]["score"], js["suggestion"]["score"]) == (65.0, 50.0, 80.0)
+    assert js["final"] == {"score": pytest.approx(65.0), "score_failures_as_1": pytest.approx(65.0)}
+    per_class = js["region"]["per_class"]
+    assert (per_class["traffic_cone"]["score"], per_class["miscellaneous"]["score"], per_class["vehicle"]["score"]) == (80.0, 35.0, 20.0)
+    assert per_class["vru"]["questions"] == 0 and "other" not in per_class
+    judged = {r["question_id"]: r["rating"] for r in map(json.loads, (tmp_path / "b/judgements.jsonl").read_text().splitlines())}
+    assert judged == RATINGS
+    s = results[0]
+    assert s["judge"]["model"] == "judge-x" and s["judge"]["api_key"] == "set" and s["prompts"]["source"] == "own"
+    assert s["offline"]["general"]["n"] == 2 and s["offline"]["region"]["missing"] == 0
+    assert 0 <= s["offline"]["general"]["rouge_l"] <= 1 and s["offline"]["object_recall"]["scenes"] == 2
+    assert (tmp_path / "a/scores.png").stat().st_size > 0
+    assert "final       65.00" in capsys.readouterr().out
+
+
+def test_failures_are_counted_and_scored_as_one(root, tmp_path):
+    answers = {q: f"answer, rated {r}" for q, r in RATINGS.items()}
+    answers["test_0001:general"] = "no rating in this one"  # -> unparseable
+    answers["test_0002:region:3"] = "explode"  # -> the endpoint returns 500 for it, every time
+    del answers["test_0002:suggestion"]  # -> missing
+
+    def behave(body, headers, attempt):
+        if "explode" in body["messages"][-1]["content"]:
+            return 500, "internal error", 0
+        return 200, rating_from_prediction(body), 0
+
+    with FakeJudge(behave) as fake:
+        assert main(_args(root, _preds(tmp_path / "p.jsonl", answers), tmp_path / "o", "--judge-url", fake.url, "--judge-model", "m")) == 0
+    js = _scores(tmp_path / "o")["judge_scores"]
+    g, r, s = js["general"], js["region"], js["suggestion"]
+    assert (g["judged"], g["unparseable"], g["score"], g["score_failures_as_1"]) == (1, 1, 50.0, 30.0)  # [5]; (5+1)/2
+    assert (r["judged"], r["failed"], r["score"], r["score_failures_as_1"]) == (4, 1, 57.5, 48.0)  # [9,3,7,4]; (23+1)/5
+    assert (s["missing"], s["judged"], s["score"], s["score_failures_as_1"]) == (1, 1, 60.0, 35.0)  # [6]; (6+1)/2
+    assert r["per_class"]["vehicle"]["score"] is None and r["per_class"]["vehicle"]["failed"] == 1
+    assert js["final"]["score"] == pytest.approx((50 + 57.5 + 60) / 3)
+    assert js["final"]["score_failures_as_1"] == pytest.approx((30 + 48 + 35) / 3)
+    recs = {x["question_id"]: x for x in map(json.loads, (tmp_path / "o/judgements.jsonl").read_text().splitlines())}
+    assert recs["test_0002:region:3"]["status"] == "failed" and "HTTP 500" in recs["test_0002:region:3"]["error"]
+    assert recs["test_0001:general"]["status"] == "unparseable" and "test_0002:suggestion" not in recs
+
+
+def test_key_never_written_and_rerun_costs_nothing(root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MY_JUDGE_KEY", SECRET)
+    monkeypatch.delenv("OPENAI_API_KEY")
+    answers = {q: f"answer, rated {r}" for q, r in RATINGS.items()}
+    answers["test_0001:region:2"] = "explode"
+    answers["test_0002:general"] = "echo, rated 5"
+
+    def echo_key_on_error(body, headers, attempt):  # a server that leaks the header back in its error body and a reply
+        text = body["messages"][-1]["content"]
+        if "explode" in text:
+            return 500, f"bad request with header {headers.get('Authorization')}", 0
+        if "echo" in text:
+            return 200, f"You sent {headers.get('Authorization')}. Rating: [[5]]", 0
+        return 200, rating_from_prediction(body), 0
+
+    preds = _preds(tmp_path / "p.jsonl", answers)
+    out = tmp_path / "o"
+    args = _args(root, preds, out, "--judge-key-env", "MY_JUDGE_KEY", "--judge-model", "m")
+    with FakeJudge(echo_key_on_error) as fake:
+        assert main(args + ["--judge-url", fake.url]) == 0
+        assert fake.requests[0][2]["Authorization"] == f"Bearer {SECRET}"
+    first = _scores(out)
+    with FakeJudge(echo_key_on_error) as again:
+        assert main(args + ["--judge-url", again.url]) == 0
+        assert len(again.requests) == 2  # only the failed item is asked again (1 try + 1 retry); the rest come from the cache
+    assert _scores(out)["judge_scores"] == first["judge_scores"] and _scores(out)["judge"]["cache_hits"] == 8
+    written = _all_written_text(out)
+    captured = capsys.readouterr()
+    assert "Bearer ***" in written  # the leaked header was redacted, not dropped silently
+    assert SECRET not in written and SECRET not in captured.out and SECRET not in captured.err
+
+
+@pytest.mark.parametrize("case,line,reason", [
+    ("unknown", '{"question_id": "test_9999:general", "answer": "x"}', "unknown id"),
+    ("duplicate", '{"question_id": "test_0001:general", "answer": "again"}', "duplicate id"),
+    ("malformed", '{"question_id": "test_0001:gene', "malformed JSON"),
+    ("wrong type", '{"question_id": "test_0002:general", "answer": 7}', "wrong type"),
+])
+def test_bad_predictions(root, tmp_path, capsys, case, line, reason):
+    answers = {q: f"a, rated {r}" for q, r in RATINGS.items() if q != "test_0002:general"}
+    preds = _preds(tmp_path / "p.jsonl", answers)
+    with open(preds, "a") as f:
+        f.write(line + "\n")
+    n = len(answers) + 1
+    assert main(_args(root, preds, tmp_path / "o")) == 1
+    err = capsys.readouterr().err
+    assert f"p.jsonl:{n}" in err and ("question_id" in err or "answer" in err or "malformed" in err), err
+    assert not (tmp_path / "o/scores.json").exists()
+    assert main(_args(root, preds, tmp_path / "o", "--skip-invalid")) == 0
+    s = _scores(tmp_path / "o")
+    assert s["inputs"]["predictions_skipped"]["skipped_by_reason"] == {reason: 1}
+    assert s["offline"]["general"]["missing"] == 1  # test_0002:general never had a valid prediction: counted, not dropped
+
+
+def test_endpoint_down(root, tmp_path, capsys):
+    preds = _preds(tmp_path / "p.jsonl", {q: f"a, rated {r}" for q, r in RATINGS.items()})
+    rc = main(_args(root, preds, tmp_path / "o", "--judge-url", free_port_url(), "--judge-model", "m", "--judge-workers", "1"))
+    assert rc == 1
+    assert "looks down" in capsys.readouterr().err
+    s = _scores(tmp_path / "o")  # offline metrics are still there, and every judgement is counted as failed
+    assert s["judge"]["endpoint_down"] and s["judge"]["requests"] == 3 * 2
+    assert sum(s["judge_scores"][t]["failed"] for t in ("general", "region", "suggestion")) == 9
+    assert s["judge_scores"]["general"]["score"] is None and s["judge_scores"]["general"]["score_failures_as_1"] == 10.0
+    assert s["offline"]["general"]["bleu4"] is not None
+
+
+def test_official_prompts_are_used_and_reported(root, tmp_path):
+    ck = official_checkout(tmp_path / "CODA-LM-repo")
+    preds = _preds(tmp_path / "p.jsonl", {q: f"a, rated {r}" for q, r in RATINGS.items()})
+    with FakeJudge() as fake:
+        assert main(_args(root, preds, tmp_path / "o", "--official-prompts", str(ck), "--judge-url", fake.url, "--judge-model", "m")) == 0
+        general = [b for _, b, _ in fake.requests if b["messages"][0]["content"].startswith("FAKE official judge for stage 1")]
+        assert len(general) == 2 and len(general[0]["messages"]) == 6
+    s = _scores(tmp_path / "o")
+    assert s["prompts"]["source"] == "official" and s["prompts"]["origin"] == str(ck.resolve())
+    assert s["prompts"]["few_shot_examples"] == {"general": 2, "suggestion": 2}
+    assert s["judge_scores"]["general"]["score"] == 65.0
+    qs = [json.loads(x) for x in (tmp_path / "o/questions.jsonl").read_text().splitlines()]
+    assert {q["question"] for q in qs if q["task"] == "general"} == {"FAKE official general question."}
+
+
+def test_bad_annotations_and_arguments(root, tmp_path, capsys):
+    preds = _preds(tmp_path / "p.jsonl", {q: f"a, rated {r}" for q, r in RATINGS.items() if q.startswith("test_0001")})
+    (root / "test/images/0002.jpg").unlink()
+    assert main(_args(root, preds, tmp_path / "o")) == 1
+    assert "test_0002.json: field 'image (test_0002.json encodes test/images/0002.jpg)': expected an existing image file" in capsys.readouterr().err
+    assert main(_args(root, preds, tmp_path / "o", "--skip-invalid")) == 0
+    s = _scores(tmp_path / "o")
+    assert s["inputs"]["annotation_files_skipped"] == {"missing image": 1} and s["counts"] == {"general": 1, "region": 2, "suggestion": 1}
+    assert main(_args(root, preds, tmp_path / "o2", "--judge-url", "http://127.0.0.1:9/v1")) == 2  # no --judge-model
+    assert "go together" in capsys.readouterr().err
+
+
+def test_simulator_pool_without_images_flag(tmp_path):
+    pool = sim_pool(tmp_path)
+    preds = _preds(tmp_path / "p.jsonl", {"s1:general": "cars, rated 9", "s1:region:0": "a car, rated 4", "s1:suggestion": "x, rated 5",
+                                          "s2:general": "a truck and cones, rated 7"})
+    with FakeJudge() as fake:
+        rc = main(["eval", "coda", "--annotations", str(pool), "--predictions", str(preds), "--out", str(tmp_path / "o"),
+                   "--judge-url", fake.url, "--judge-model", "m"])
+    assert rc == 0
+    js = _scores(tmp_path / "o")["judge_scores"]
+    assert (js["general"]["score"], js["region"]["score"], js["suggestion"]["score"]) == (80.0, 40.0, 50.0)
+    assert js["region"]["per_class"]["vehicle"]["score"] == 40.0
+    rec = _scores(tmp_path / "o")["offline"]["object_recall"]
+    assert rec["per_class_recall"] == {"vehicle": 1.0, "traffic_cone": 1.0} and rec["recall"] == 1.0
+
+
+def test_region_box_outside_image_in_a_pool(tmp_path, capsys):
+    from datasets_cfg.schema import ScenePool, new_row
+    from tests.coda_lm_fixtures import pool_qa
+
+    make_image(tmp_path / "pool/images/a.jpg")
+    rows = [new_row("a", "sim", "x", images=[{"frame": 0, "camera": "front", "path": "images/a.jpg"}],
+                    qa=[pool_qa("a:region:1", "region", "x", "car", (60, 40, 10, 10)), pool_qa("a:suggestion", "suggestion", "y")])]
+    ScenePool.from_rows(rows).save(tmp_path / "pool")
+    preds = _preds(tmp_path / "p.jsonl", {"a:suggestion": "slow"})
+    assert main(["eval", "coda", "--annotations", str(tmp_path / "pool"), "--predictions", str(preds), "--out", str(tmp_path / "o")]) == 1
+    assert "field 'qa[a:region:1].box': expected a box inside the 64x48 image" in capsys.readouterr().err
