@@ -1,0 +1,62 @@
+"""From sub-metrics to a score: EP normalisation, the PDMS (v1) / EPDMS (v2) formulas, the human filter."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from eval.navsim.config import MULTIPLICATIVE_V1, MULTIPLICATIVE_V2, WEIGHTS_V1, WEIGHTS_V2
+
+
+def multiplicative_product(sub: dict, version: str) -> np.ndarray:
+    keys = MULTIPLICATIVE_V2 if version == "v2" else MULTIPLICATIVE_V1
+    return np.prod([np.asarray(sub[k], float) for k in keys], axis=0)
+
+
+def normalise_progress(raw: np.ndarray, multiplier: np.ndarray, threshold: float) -> np.ndarray:
+    """EP for runs scored together: raw progress times the multiplicative product, divided by the largest such
+    value; if that largest value is <= threshold (5 m) every run gets 1 (0 where the product is 0).
+
+    As upstream, a run's own product enters its EP (an NC 0.5 run gets at most 0.5), so EP is not simply
+    raw / normaliser when the run itself was penalised.
+    """
+    rp = np.asarray(raw, float) * np.asarray(multiplier, float)
+    top = rp.max() if len(rp) else 0.0
+    if top > threshold:
+        return rp / top
+    ep = np.ones(len(rp))
+    ep[np.asarray(multiplier) == 0.0] = 0.0
+    return ep
+
+
+def score_row(row: dict, version: str) -> float:
+    """Score of one scene's sub-metric dict. v2: NC·DAC·DDC·TLC·(5 EP + 5 TTC + 2 LK + 2 HC + 2 EC)/16, with EC
+    and its weight dropped when EC is NaN (unavailable). v1: NC·DAC·(5 TTC + 5 EP + 2 C)/12."""
+    mult_keys, weights = (MULTIPLICATIVE_V2, WEIGHTS_V2) if version == "v2" else (MULTIPLICATIVE_V1, WEIGHTS_V1)
+    prod = 1.0
+    for k in mult_keys:
+        prod *= float(row[k])
+    num = den = 0.0
+    for k, w in weights.items():
+        v = row.get(k, math.nan)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            if k == "two_frame_extended_comfort":
+                continue
+            raise ValueError(f"sub-metric {k!r} is missing; cannot compute the {version} score")
+        num += w * float(v)
+        den += w
+    return prod * num / den
+
+
+def apply_human_filter(agent: dict, human: dict, columns) -> tuple[dict, list[str]]:
+    """Human filter (v2, after the 2025-09-29 fix): every sub-metric the logged human scores exactly 0 on is
+    set to 1 for the agent. Returns the new sub-metric dict and the names of the columns that were lifted;
+    the caller recomputes the score from the new dict."""
+    out, lifted = dict(agent), []
+    for k in columns:
+        h = human.get(k)
+        if h is not None and not (isinstance(h, float) and math.isnan(h)) and float(h) == 0.0:
+            if float(out[k]) != 1.0:
+                lifted.append(k)
+            out[k] = 1.0
+    return out, lifted

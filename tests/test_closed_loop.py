@@ -1,0 +1,80 @@
+"""Closed-loop rollouts in highway-env: what the planner sees, that the ego really follows its plans, and the
+reported rates (short seeded episodes)."""
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("highway_env")
+
+from datasets_cfg.schema import validate_row  # noqa: E402
+from eval.closed_loop import ClosedLoopResult, constant_velocity_planner, pdm_closed_planner, run_closed_loop  # noqa: E402
+
+
+class Recorder:
+    """Wraps a planner and keeps the observations it was given."""
+
+    def __init__(self, planner):
+        self.planner, self.seen = planner, []
+
+    def __call__(self, obs):
+        self.seen.append(obs)
+        return self.planner(obs)
+
+
+def test_observations_are_valid_current_scenes_and_the_ego_follows_the_plan():
+    rec = Recorder(constant_velocity_planner())
+    res = run_closed_loop(rec, envs=("highway",), episodes=1, seed=0, duration_s=4.0)
+    ep = res.episodes[0]
+    assert isinstance(res, ClosedLoopResult) and ep["decisions"] == len(rec.seen) == 8
+    for k, obs in enumerate(rec.seen):
+        validate_row(obs.row)
+        assert obs.current_index == obs.num_frames - 1 == min(k, 3)  # history only, current frame last
+        assert obs.row["map"]["route"] and obs.row["map"]["areas"] and obs.meta["timestamp_s"] == pytest.approx(0.5 * k)
+    # constant velocity: every 0.5 s the ego moved speed * 0.5 m straight ahead
+    x = [o.ego_pose()[0] for o in rec.seen]
+    v = rec.seen[0].row["ego"]["speed"][0]
+    np.testing.assert_allclose(np.diff(x), v * 0.5, rtol=1e-3)
+    assert not ep["crashed"] and not ep["offroad"] and ep["planner_failures"] == 0
+    assert ep["progress_m"] == pytest.approx(v * 4.0, rel=0.02)
+
+
+def test_failing_planner_is_counted_and_the_ego_brakes():
+    def broken(obs):
+        if obs.current_index >= 1:
+            raise RuntimeError("planner bug")
+        return np.full((8, 3), np.nan)
+
+    ep = run_closed_loop(broken, envs=("highway",), episodes=1, seed=0, duration_s=3.0).episodes[0]
+    assert ep["planner_failures"] == ep["decisions"] == 6
+    # braking at 4 m/s^2 from ~25 m/s for 3 s covers well under the 75 m of cruising
+    assert ep["progress_m"] < 0.8 * 75
+
+
+def test_offroad_is_detected():
+    def swerve(obs):  # drive 6 m to the right within 2 s: off the rightmost lane of the highway
+        t = np.arange(1, 9) * 0.5
+        v = obs.row["ego"]["speed"][obs.current_index]
+        return np.stack([v * t, -np.minimum(t, 2.0) * 6.0, -0.3 * (t <= 2.0)], -1)
+
+    ep = run_closed_loop(swerve, envs=("highway",), episodes=1, seed=3, duration_s=3.0).episodes[0]
+    assert ep["offroad"]
+
+
+def test_pdm_closed_drives_better_than_constant_velocity():
+    kw = dict(envs=("merge",), episodes=1, seed=1, duration_s=8.0)
+    cv = run_closed_loop(constant_velocity_planner(), **kw)
+    pdm = run_closed_loop(pdm_closed_planner(), **kw)
+    assert cv.episodes[0]["crashed"] and not pdm.episodes[0]["crashed"]
+    assert pdm.means["crash_rate"] == 0.0 and cv.means["crash_rate"] == 1.0
+    assert pdm.means["epdms"] > 0.8 > cv.means["epdms"]
+    for m in (cv.means, pdm.means):
+        assert 0.0 <= m["comfort"] <= 1.0 and 0.0 <= m["route_completion"] <= 1.0 and m["episodes"] == 1
+    assert not math.isnan(pdm.episodes[0]["route_completion"])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown environment"):
+        run_closed_loop(constant_velocity_planner(), envs=("mars",), episodes=1)
+    with pytest.raises(ValueError, match="at least one"):
+        run_closed_loop(constant_velocity_planner(), envs=(), episodes=1)
