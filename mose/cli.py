@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from mose import __version__
@@ -74,8 +75,29 @@ def _invoked(argv: list[str], words: tuple[str, ...]) -> bool:
     return tuple(positional[: len(words)]) == words
 
 
+def _strip_launcher_rank(argv: list[str]) -> list[str]:
+    """The `deepspeed` launcher passes `--local_rank=N` (or `--local-rank N`) before the subcommand; torchrun and
+    accelerate use the LOCAL_RANK environment variable. Move the flag into the environment so every launcher works."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        for flag in ("--local_rank", "--local-rank"):
+            if a == flag and i + 1 < len(argv):
+                os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+                i += 2
+                break
+            if a.startswith(flag + "="):
+                os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+                i += 1
+                break
+        else:
+            out.append(a)
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _strip_launcher_rank(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if getattr(args, "_command", None) is None:

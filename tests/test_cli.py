@@ -37,3 +37,15 @@ def test_pool_summary(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["scenes"] == 2 and info["by_source"] == {"real": 1, "synthetic": 1}
     assert info["qa_by_task"] == {"region": 1} and info["by_weather"] == {"rainy": 2}
+
+
+def test_deepspeed_launcher_local_rank_is_moved_to_env(monkeypatch, capsys):
+    from mose.cli import _strip_launcher_rank
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert _strip_launcher_rank(["--local_rank=3", "train", "--config", "c.yaml"]) == ["train", "--config", "c.yaml"]
+    import os
+
+    assert os.environ["LOCAL_RANK"] == "3"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert _strip_launcher_rank(["--local-rank", "1", "pool", "x"]) == ["pool", "x"] and os.environ["LOCAL_RANK"] == "1"
