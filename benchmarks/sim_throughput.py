@@ -5,7 +5,8 @@
 Generates a fresh pool (all default environments, default synthetic fraction, 224x224 renders) into a
 temporary directory and prints one JSON object. Timings include process start-up of the workers, the
 rollouts, renders, annotations and the final ScenePool write (the whole `generate` call); the median over
-`--repeats` runs is reported with every run's figure.
+`--repeats` runs is reported with every run's figure, with the machine's load average before and after each
+run (the machine is shared: a load above the core count means other work competed for the CPUs).
 """
 from __future__ import annotations
 
@@ -41,11 +42,13 @@ def main() -> None:
     for r in range(args.repeats):
         out = Path(tempfile.mkdtemp(prefix="simbench-"))
         try:
+            load0 = os.getloadavg()[0]
             t0 = time.perf_counter()
             summary = generate(out, args.scenes, seed=args.seed + r, image_size=args.image_size, workers=args.workers, progress=False)
             wall = time.perf_counter() - t0
             disk = disk_bytes(out)
             runs.append({"seconds": wall, "scenes": summary["num_scenes"], "episodes": summary["episodes_simulated"], "disk": disk,
+                         "load_avg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
                          "mmd_real_vs_synthetic": (summary["distance"] or {}).get("mmd_real_vs_synthetic"),
                          "mmd_real_vs_real_split": (summary["distance"] or {}).get("mmd_real_vs_real_split")})
         finally:
@@ -59,7 +62,7 @@ def main() -> None:
         "scenes_per_s": round(med, 2), "seconds_per_1k_scenes": round(1000.0 / med, 1),
         "disk_kb_per_scene": {k: round(v / 1024, 1) for k, v in disk.items()} | {"pool_total": round(sum(disk.values()) / 1024, 1),
                                                                                "pool_without_shards": round((disk["images"] + disk["scenes"]) / 1024, 1)},
-        "runs": [{"scenes_per_s": round(s, 2), "seconds": round(r["seconds"], 2), "episodes": r["episodes"],
+        "runs": [{"scenes_per_s": round(s, 2), "seconds": round(r["seconds"], 2), "episodes": r["episodes"], "load_avg_1min": r["load_avg_1min"],
                   "mmd_real_vs_synthetic": r["mmd_real_vs_synthetic"], "mmd_real_vs_real_split": r["mmd_real_vs_real_split"]}
                  for s, r in zip(sps, runs)],
         "target_scenes_per_s": 5.0, "meets_target": med >= 5.0,

@@ -94,17 +94,38 @@ def test_agents_have_boxes_velocities_and_stable_tracks(pool):
                     assert abs(step - v * 0.5) < 0.25 * v * 0.5 + 1.0
 
 
+def segment(lane_id: str) -> str:
+    """Road segment (highway-env edge) of an exported lane id: "f>t#i" -> "f>t"; a connector "A~B" is its own."""
+    return lane_id if "~" in lane_id else lane_id.rsplit("#", 1)[0]
+
+
 def test_map_lanes_route_and_areas(pool):
     p, _ = pool
+    gaps = []
     for s in p:
         m = s["map"]
-        assert m["route"] and all(l["on_route"] == (l["id"] in m["route"]) for l in m["lanes"])
-        assert s.route_centerline() is not None
+        lanes = {l["id"]: l for l in m["lanes"]}
+        route = m["route"]
+        # a connected chain in driving order, one lane per road segment
+        assert route and len({segment(r) for r in route}) == len(route)
+        for a, b in zip(route, route[1:]):
+            assert np.hypot(*np.subtract(lanes[a]["centerline"][-1], lanes[b]["centerline"][0])) <= 1.0, (s.id, a, b)
+        # on_route: every lane of every route segment (NAVSIM: the lanes of the route's roadblocks)
+        assert all(l["on_route"] == (segment(l["id"]) in {segment(r) for r in route}) for l in m["lanes"]), s.id
+        # the route follows the ego: its centreline stays within a double lane change of the logged path, and the
+        # ego ends the scene in its route lane (a route lane is the lane it leaves its segment in)
+        line = s.route_centerline()
+        e = s["ego"]
+        if not s["crash"]:
+            d = distance(line, points(np.c_[e["x"], e["y"]][s.current_index:]))
+            assert d.max() < 8.5, (s.id, d.round(1))
+            gaps.append(d[-1])
         assert s.area_polygons()
         # the ego box centre lies on a drivable area at the current frame (unless it crashed off the road)
         c = ego_center(s)
         if not s["crash"]:
             assert any(a.buffer(0.5).contains(points(c[:2])) for a in s.area_polygons())
+    assert np.mean(np.less(gaps, 2.0)) >= 0.9
     kinds = {a["kind"] for s in p for a in s["map"]["areas"]}
     assert {"roadblock", "intersection"} <= kinds
     assert any(l["kind"] == "lane_connector" for s in p.where(location="intersection") for l in s["map"]["lanes"])
@@ -130,6 +151,18 @@ def test_ego_can_signals_match_motion(pool):
     assert np.corrcoef(yaw, dh)[0, 1] > 0.85 and np.abs(np.subtract(yaw, dh)).mean() < 0.05
     assert np.std(dh) > 0.02  # there is turning to compare against
     assert np.allclose(lat, 0.0, atol=1e-9)
+
+
+def test_real_ego_drives_within_navsim_comfort_bounds(pool):
+    """The logged ego of real scenes (highway-env's decisions, comfortable commands, no spawn transient) stays inside
+    NAVSIM's history-comfort bounds in (almost) every scene: longitudinal accel in (-4.05, 2.40) m/s^2, |lateral
+    accel| < 4.89 m/s^2, |yaw rate| < 0.95 rad/s. (Generator version 1, highway-env's raw IDM ego: 31 % of scenes
+    broke the accel bound.)"""
+    p, _ = pool
+    real = [s["ego"] for s in p if s["source"] == "real" and not s["crash"]]
+    ok = [min(e["accel"]) > -4.05 and max(e["accel"]) < 2.40 and np.abs(e["accel_lat"]).max() < 4.89 and np.abs(e["yaw_rate"]).max() < 0.95
+          for e in real]
+    assert len(real) >= 20 and np.mean(ok) >= 0.9
 
 
 def test_commands_and_attributes(pool):
@@ -274,11 +307,15 @@ def test_region_boxes_are_agent_boxes_in_the_render(pool):
         img = current_image(s) if clean(s) else None
         for q in (q for q in s["qa"] if q["task"] == "region"):
             said = float(re.search(FLOAT + r" (?:m|meters|metres)(?![/\w])", q["answer"]).group(1))
-            k = int(np.argmin(np.abs(dist - said)))
-            assert abs(dist[k] - said) <= 0.051 and ag.category[k] == q["category"]
-            uv = tf.project(box_corners(ag.xy[k, 0], ag.xy[k, 1], ag.heading[k], ag.length[k], ag.width[k]))
-            lo, hi = np.maximum(uv.min(0), 0), np.minimum(uv.max(0), 224)
-            np.testing.assert_allclose(q["box"], [lo[0], lo[1], hi[0] - lo[0], hi[1] - lo[1]], atol=0.051)
+            # the agents at the stated distance (two may tie to 0.1 m, e.g. the cones of a taper): one has that box
+            ks = np.flatnonzero((np.abs(dist - said) <= 0.051) & (ag.category == q["category"]))
+            assert len(ks), (s.id, q["answer"])
+            boxes = []
+            for k in ks:
+                uv = tf.project(box_corners(ag.xy[k, 0], ag.xy[k, 1], ag.heading[k], ag.length[k], ag.width[k]))
+                lo, hi = np.maximum(uv.min(0), 0), np.minimum(uv.max(0), 224)
+                boxes.append([lo[0], lo[1], hi[0] - lo[0], hi[1] - lo[1]])
+            assert np.min(np.abs(np.subtract(boxes, q["box"])).max(1)) <= 0.051, (s.id, q["box"], boxes)
             assert "[" + ", ".join(f"{b:.1f}" for b in q["box"]) + "]" in q["question"]
             if img is not None:
                 x, y, w, h = (int(round(b)) for b in q["box"])

@@ -74,6 +74,14 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     generate(tmp_path, 3, seed=0, **SMALL)
     with pytest.raises(ValueError, match="other settings"):
         generate(tmp_path, 3, seed=1, **SMALL)
+    # shards of an older generator version are never mixed with this one's (version 1 wrote no version)
+    cfg = json.loads((tmp_path / "sim_config.json").read_text())
+    shards = {p: p.read_bytes() for p in (tmp_path / "shards").iterdir()}
+    old = {k: v for k, v in cfg.items() if k != "generator_version"}
+    (tmp_path / "sim_config.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"generator version 1.*use a new --out"):
+        generate(tmp_path, 6, seed=0, **SMALL)
+    assert {p: p.read_bytes() for p in (tmp_path / "shards").iterdir()} == shards
     (tmp_path / "sim_config.json").unlink()  # a pool from elsewhere is never overwritten
     with pytest.raises(ValueError, match="not made by `mose simulate`"):
         generate(tmp_path, 3, seed=0, **SMALL)
@@ -208,7 +216,19 @@ def test_export_functions_on_a_live_env():
     assert sorted(a0["y"]) == pytest.approx(sorted(-v.position[1] for v in near))
     m = export_road(env, env_name="roundabout")
     n_lanes = sum(len(ls) for tos in u.road.network.graph.values() for ls in tos.values())
-    assert len(m["lanes"]) == n_lanes and any(a["kind"] == "intersection" for a in m["areas"])
+    # every highway-env lane, plus a connector across each gap highway-env leaves at the roundabout's entries and
+    # exits (an entry lane ends 5.6-7.7 m before the ring lanes start): it starts where its lane ends and ends
+    # where the next lane starts, so route centrelines join
+    exported = {l["id"]: l for l in m["lanes"]}
+    connectors = [l for l in m["lanes"] if "~" in l["id"]]
+    assert len(m["lanes"]) == n_lanes + len(connectors) and len(connectors) >= 8
+    for c in connectors:
+        a, b = c["id"].split("~")
+        assert c["kind"] == "lane_connector"
+        assert np.allclose(c["centerline"][0], exported[a]["centerline"][-1], atol=1e-6)
+        assert np.allclose(c["centerline"][-1], exported[b]["centerline"][0], atol=1e-6)
+        assert 1.0 < np.hypot(*np.subtract(exported[b]["centerline"][0], exported[a]["centerline"][-1])) <= 10.0
+    assert any(a["kind"] == "intersection" for a in m["areas"])
     # a lane centreline point maps back onto the simulator's lane (mirror in y)
     lane = u.road.network.get_lane(("se", "ex", 0))
     exported = next(l for l in m["lanes"] if l["id"] == "se>ex#0")

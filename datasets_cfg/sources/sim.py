@@ -4,7 +4,8 @@
                   [--image-size 224] [--workers K] [--scenes-per-episode 10] [--stride 1] [--image-format auto]
 
 Layout of DIR (besides the ScenePool's pool.json and scenes/):
-    sim_config.json      generation settings; a re-run must use the same ones (only --scenes/--workers change)
+    sim_config.json      generation settings and generator version; a re-run must use the same ones (only
+                         --scenes/--workers change) and the same generator version
     shards/<log>.json.gz the scene rows of one finished episode (written atomically after its images)
     images/<log>/NNN.png top-down renders, one per frame shown by some scene (.jpg for noisy night/rain frames)
     sim_summary.json     counts, safety flags, and the real-vs-synthetic distribution distance
@@ -29,7 +30,11 @@ from datasets_cfg.atomic import atomic_path, write_json
 from datasets_cfg.sources.sim_episode import DEFAULT_ENVS, ENV_IDS, EpisodeRunner, plan_episode
 
 CONFIG_KEYS = ("seed", "envs", "synthetic_fraction", "scenes_per_episode", "stride", "image_size", "image_format")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # layout of the output directory
+# What the episodes contain: bump it whenever the same settings would simulate or export different scenes,
+# so a re-run refuses to mix shards of two generator versions in one pool.
+# 1: initial; 2: comfortable ego driver, 5 s warm-up, connected route chains, on_route = route segments' lanes.
+GENERATOR_VERSION = 2
 
 
 def check_settings(scenes: int, envs, synthetic_fraction: float, image_size: int, workers: int, scenes_per_episode: int, stride: int, image_format: str) -> tuple[str, ...]:
@@ -114,12 +119,16 @@ def generate(out, scenes: int, envs=DEFAULT_ENVS, seed: int = 0, synthetic_fract
 
     envs = check_settings(scenes, envs, synthetic_fraction, image_size, workers, scenes_per_episode, stride, image_format)
     out = Path(out)
-    settings = {"format_version": FORMAT_VERSION, "seed": int(seed), "envs": list(envs), "synthetic_fraction": float(synthetic_fraction),
+    settings = {"format_version": FORMAT_VERSION, "generator_version": GENERATOR_VERSION, "seed": int(seed), "envs": list(envs), "synthetic_fraction": float(synthetic_fraction),
                 "scenes_per_episode": scenes_per_episode, "stride": stride, "image_size": image_size, "image_format": image_format}
     cfg_path = out / "sim_config.json"
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
         diff = {k: (old.get(k), settings[k]) for k in settings if old.get(k) != settings[k]}
+        if "generator_version" in diff:
+            raise ValueError(f"{cfg_path}: this directory was made by generator version {old.get('generator_version', 1)}, this is "
+                             f"version {GENERATOR_VERSION}; its finished episodes differ from what this version simulates and "
+                             f"cannot be extended or mixed: use a new --out")
         if diff:
             raise ValueError(f"{cfg_path}: this directory was generated with other settings {diff} (old, new); "
                              f"re-run with the same settings to extend it, or use a new --out")

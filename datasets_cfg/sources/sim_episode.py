@@ -1,12 +1,23 @@
 """One simulated episode: its plan, its rollout in highway-env, and its cut into 2 Hz ScenePool rows.
 
 An episode is a log. It is recorded at the policy frequency (2 Hz, the scene rate) while highway-env
-integrates at SIM_HZ. With `scenes` scenes per episode and `stride` frames between them, frames
+integrates at SIM_HZ. Recording starts after WARMUP_S seconds of simulation, so the spawn transient
+(vehicles placed at arbitrary speeds and gaps, braking and accelerating hard to settle) is in no scene.
+With `scenes` scenes per episode and `stride` frames between them, frames
 0 .. HISTORY + (scenes-1)*stride + FUTURE are simulated; the scene with current frame c holds frames
 c-HISTORY .. c+FUTURE (1.5 s of history, 4 s of future) and renders of c-HISTORY .. c, so renders are
 only drawn for frames some scene shows. If the ego crashes at frame k, only scenes with c < k are kept
 (their future holds the crash and they are flagged `crash`). Ego accel / yaw_rate / accel_lat are the
 simulator's own commands averaged over +-0.25 s around each frame (`smooth_signals`).
+
+Route (map.route) of a scene: a connected chain of lanes in driving order, one lane per road segment
+(highway-env edge (from, to)) along the ego's path: for each segment the lane the ego is in when it leaves
+it, or at the scene's last frame (after a completed lane change, the lane it changed to; at a junction,
+where highway-env's nearest lane flickers between crossing lanes, the lane it follows), then the lanes
+highway-env will follow after the last frame (`sim_drivers.path_ahead`, ROUTE_AHEAD_M). A lane that does
+not lead into the next one (a lane change in a later segment) is replaced by its neighbour that does, a
+junction gap is bridged by its connector, and the chain is cut where nothing connects
+(`sim_export.route_chain`). Every lane of a route segment is on_route (`sim_export.export_road`).
 
 The plan of episode i depends only on (seed, i, envs, synthetic fraction, image settings), never on how
 many scenes are asked for, so a pool can be extended later without touching finished episodes.
@@ -24,7 +35,8 @@ from datasets_cfg.schema import EGO_FIELDS, new_row
 from datasets_cfg.sources import sim_drivers as drivers
 from datasets_cfg.sources.sim_annotate import annotate
 from datasets_cfg.sources.sim_export import (
-    AGENT_RADIUS, REAR_AXLE_TO_CENTER, TrackIds, ego_state, export_road, export_vehicles, sample_road, yaw_rate_sim,
+    AGENT_RADIUS, REAR_AXLE_TO_CENTER, TrackIds, ego_state, export_road, export_vehicles, lane_id, route_chain, sample_road,
+    yaw_rate_sim,
 )
 from datasets_cfg.sources.sim_render import VIEW_METERS, apply_effects, image_stats, render, save_image, setup_viewer
 from datasets_cfg.sources.sim_safety import driving_command, is_near_miss, scene_safety
@@ -35,6 +47,8 @@ ENV_IDS = {
 }
 DEFAULT_ENVS = ("highway", "merge", "roundabout", "intersection", "exit", "two-way", "u-turn")
 HISTORY, FUTURE, DT, SIM_HZ = 3, 8, 0.5, 10
+WARMUP_S = 5.0  # s simulated before frame 0 (spawn transient)
+ROUTE_AHEAD_M = 120.0  # m of route past the ego's target lane, recorded every frame
 MAP_MARGIN_M = 80.0
 TRAFFIC_PERTURBATIONS = ("dense_traffic", "sparse_traffic", "aggressive_drivers")
 SCENARIO_PERTURBATIONS = ("cut_in", "hard_brake", "ego_lane_change", "work_zone", "render_shift")
@@ -167,7 +181,7 @@ class EpisodeRunner:
         rng = np.random.default_rng(np.random.SeedSequence([plan.seed, plan.index, 23]))
         applied: list[str] = []
 
-        drivers.install_ego(env, plan.ego_policy)
+        drivers.install_ego(env, plan.ego_policy, plan.env)
         if plan.density != "default" and plan.env not in DENSITY_CONFIG:
             n_others = len(drivers.others(env))
             if plan.density == "dense":
@@ -193,9 +207,17 @@ class EpisodeRunner:
         n_frames = last_current + FUTURE + 1
         track_ids, frames, signals = TrackIds(), [], []
         crash_frame, braking, release_at = None, None, -1
-        substeps = int(round(DT * SIM_HZ))
+        warmup = int(round(WARMUP_S / DT))
+        for f in range(-warmup, 0):
+            self._advance(env, plan, f, signals)
         for f in range(n_frames):
             st = ego_state(env)
+            # the lane the ego drives in for the route: its lane during a lane change (the lane it is in when it
+            # leaves a segment), else the lane it follows (highway-env's nearest lane flickers at junctions)
+            here, target = u.vehicle.lane_index, u.vehicle.target_lane_index
+            on = here if here is not None and here[:2] == target[:2] else target
+            st["route_lane_id"] = lane_id(on)
+            st["path"] = [lane_id(p[0]) for p in drivers.path_ahead(u.vehicle, ROUTE_AHEAD_M, None if on == target else on) if p[0] is not None]
             rec = {"ego": st, "agents": export_vehicles(env, f, track_ids, AGENT_RADIUS), "image": None}
             if st["crashed"] and crash_frame is None:
                 crash_frame = f
@@ -215,16 +237,7 @@ class EpisodeRunner:
                 release_at = f + 5 if braking is not None else -1  # brake for 2.5 s, then drive on
             if f == release_at:
                 drivers.release_brake(braking)
-            for k in range(substeps):
-                u.road.act()
-                u.road.step(1.0 / SIM_HZ)
-                signals.append((f * DT + (k + 0.5) / SIM_HZ, *can_signals(u.vehicle)))
-            u.time += DT
-            if plan.env == "intersection" and f % 2 == 1:  # what IntersectionEnv.step does once per second
-                u._clear_vehicles()
-                u._spawn_vehicle(spawn_probability=u.config["spawn_probability"])
-            if f % 4 == 3:
-                drivers.cull_far_vehicles(env)
+            self._advance(env, plan, f, signals)
         smooth_signals(frames, signals)
         rows = []
         for c in range(HISTORY, last_current + 1, plan.stride):
@@ -232,6 +245,22 @@ class EpisodeRunner:
                 break
             rows.append(self._scene(plan, frames, c, lanes, crash_frame, applied))
         return rows
+
+    @staticmethod
+    def _advance(env, plan: EpisodePlan, f: int, signals: list) -> None:
+        """Simulate from frame f to f + 1 (SIM_HZ steps), appending (time, accel, yaw rate) of the ego per step."""
+        u = env.unwrapped
+        substeps = int(round(DT * SIM_HZ))
+        for k in range(substeps):
+            u.road.act()
+            u.road.step(1.0 / SIM_HZ)
+            signals.append((f * DT + (k + 0.5) / SIM_HZ, *can_signals(u.vehicle)))
+        u.time += DT
+        if plan.env == "intersection" and f % 2 == 1:  # what IntersectionEnv.step does once per second
+            u._clear_vehicles()
+            u._spawn_vehicle(spawn_probability=u.config["spawn_probability"])
+        if f % 4 == 3:
+            drivers.cull_far_vehicles(env)
 
     @staticmethod
     def _event(env, plan: EpisodePlan, rng) -> tuple[list[str], object]:
@@ -265,17 +294,19 @@ class EpisodeRunner:
             for k in agents:
                 agents[k] += [f - first for _ in a["frame"]] if k == "frame" else a[k]
             appearance.update(zip(a["track_id"], a["color"]))
-        route = []
+        visited = []  # lanes the simulator put the ego on, in order (for the lane-change tag)
         for f in span:
             lid = frames[f]["ego"]["lane_id"]
-            if lid and (not route or route[-1] != lid):
-                route.append(lid)
+            if lid and (not visited or visited[-1] != lid):
+                visited.append(lid)
+        route = route_chain(lanes, [frames[f]["ego"]["route_lane_id"] for f in span] + frames[span[-1]]["ego"]["path"],
+                            anchor=frames[c]["ego"]["route_lane_id"])
         xy = np.array([[frames[f]["ego"]["x"], frames[f]["ego"]["y"]] for f in span])
         region = (*(xy.min(0) - MAP_MARGIN_M), *(xy.max(0) + MAP_MARGIN_M))
         imaged = [f for f in range(c - HISTORY, c + 1)]
         crash = crash_frame is not None and crash_frame <= span[-1]
         meta = {
-            "log_name": plan.log_name, "timestamp_s": round(c * DT, 6), "env": plan.env, "env_id": ENV_IDS[plan.env],
+            "log_name": plan.log_name, "timestamp_s": round(c * DT, 6), "warmup_s": WARMUP_S, "env": plan.env, "env_id": ENV_IDS[plan.env],
             "episode_index": plan.index, "episode_seed": plan.seed, "density": plan.density, "ego_policy": plan.ego_policy,
             "other_drivers": "aggressive_idm" if "aggressive_drivers" in plan.perturbations else "idm_default",
             "perturbations": sorted(set(applied)), "planned_perturbations": list(plan.perturbations),
@@ -297,7 +328,7 @@ class EpisodeRunner:
         row = new_row(
             f"{plan.log_name}-f{c:03d}", "sim", "train", source=plan.source, location=plan.env, weather=plan.weather,
             lighting=plan.lighting, dt=DT, current_index=HISTORY, ego=ego, agents=agents,
-            map=export_road(lanes, region, route), crash=bool(crash),
+            map=export_road(lanes, region, route, env_name=plan.env), crash=bool(crash),
             images=[{"frame": f - first, "camera": "bev", "path": frames[f]["image"]["path"]} for f in imaged],
         )
         row["meta"] = json.dumps(meta)
@@ -305,7 +336,7 @@ class EpisodeRunner:
         row["near_miss"] = is_near_miss(safety, row["crash"])
         row["command"] = driving_command(row)
         meta["safety"] = safety
-        if any(r.split("#")[0] == route[0].split("#")[0] and r != route[0] for r in route[1:]):
+        if any(r.split("#")[0] == visited[0].split("#")[0] and r != visited[0] for r in visited[1:]):
             tags.append("lane_change")
         tags += [t for t, on in (("near_miss", row["near_miss"]), ("crash", row["crash"])) if on]
         row["tags"] = tags

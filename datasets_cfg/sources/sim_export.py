@@ -14,7 +14,8 @@ behind the box centre, so a NAVSIM-style scorer that assumes that offset places 
 simulator has it. Agents are box centres, as in the schema.
 
 Used by the scene generator (`sim_episode`) and by closed-loop evaluation: `ego_state(env)`,
-`export_vehicles(env, ...)`, `export_road(env, ...)`, `render_transform(env)`, `project_to_image(...)`.
+`export_vehicles(env, ...)`, `export_road(env, ...)`, `route_chain(...)`, `render_transform(env)`,
+`project_to_image(...)`.
 """
 from __future__ import annotations
 
@@ -201,7 +202,7 @@ class LaneSamples:
 _RING_NODES = {"se", "ex", "ee", "nx", "ne", "wx", "we", "sx"}
 
 
-def _junction(env_name: str, edge: tuple[str, str]) -> tuple[str, bool]:
+def junction_kind(env_name: str, edge: tuple[str, str]) -> tuple[str, bool]:
     _from, _to = edge
     if env_name == "intersection" and _from.startswith("ir") and _to.startswith("il"):
         return "lane_connector", True
@@ -210,28 +211,122 @@ def _junction(env_name: str, edge: tuple[str, str]) -> tuple[str, bool]:
     return "lane", False
 
 
+JUNCTION_GAP_M = 10.0  # m, longest gap between a lane's end and its successor's start that a connector bridges
+JUNCTION_TURN_RAD = np.deg2rad(60.0)  # largest heading change across such a gap
+
+
+class ConnectorLane:
+    """The way across a gap highway-env leaves between a lane's end and the start of a lane it leads to.
+
+    highway-env's roundabouts are not joined up: an entry lane ends 5.6-7.7 m from the ring lane it leads
+    into, turned by ~47 deg (the exits likewise); its vehicles simply steer across. A connector is the
+    cubic Hermite curve from the end of `a` (position and heading) to the start of `b`, tangent lengths =
+    the chord, in highway-env's frame, with `a`'s width: the map exports it as a lane connector (so the
+    route's centrelines join) and the ego's path model (`sim_drivers.path_ahead`) curves through it.
+    """
+
+    def __init__(self, a, b, samples: int = 41):
+        p0, h0 = np.asarray(a.position(a.length, 0.0), float), float(a.heading_at(a.length))
+        p1, h1 = np.asarray(b.position(0.0, 0.0), float), float(b.heading_at(0.0))
+        chord = float(np.hypot(*(p1 - p0)))
+        t0, t1 = chord * np.array([np.cos(h0), np.sin(h0)]), chord * np.array([np.cos(h1), np.sin(h1)])
+        u = np.linspace(0.0, 1.0, samples)[:, None]
+        pts = (2 * u**3 - 3 * u**2 + 1) * p0 + (u**3 - 2 * u**2 + u) * t0 + (-2 * u**3 + 3 * u**2) * p1 + (u**3 - u**2) * t1
+        der = (6 * u**2 - 6 * u) * p0 + (3 * u**2 - 4 * u + 1) * t0 + (-6 * u**2 + 6 * u) * p1 + (3 * u**2 - 2 * u) * t1
+        self._s = np.concatenate([[0.0], np.cumsum(np.hypot(*np.diff(pts, axis=0).T))])
+        self._pts = pts
+        self._heading = np.unwrap(np.arctan2(der[:, 1], der[:, 0]))
+        self.length = float(self._s[-1])
+        self.width = float(a.width_at(a.length))
+        self.speed_limit = b.speed_limit
+
+    def heading_at(self, longitudinal: float) -> float:
+        return float(np.interp(longitudinal, self._s, self._heading))
+
+    def position(self, longitudinal: float, lateral: float) -> np.ndarray:
+        x = np.interp(longitudinal, self._s, self._pts[:, 0])
+        y = np.interp(longitudinal, self._s, self._pts[:, 1])
+        h = self.heading_at(longitudinal)
+        return np.array([x, y]) + lateral * np.array([-np.sin(h), np.cos(h)])  # highway-env: lateral grows to the right
+
+    def width_at(self, longitudinal: float) -> float:
+        return self.width
+
+    def local_coordinates(self, position) -> tuple[float, float]:
+        """(longitudinal, lateral) of a point: its projection on the curve (lateral grows to the right)."""
+        p = np.asarray(position, float)
+        seg = np.diff(self._pts, axis=0)
+        rel = p - self._pts[:-1]
+        t = np.clip((rel * seg).sum(1) / np.maximum((seg * seg).sum(1), 1e-12), 0.0, 1.0)
+        d = np.hypot(*(rel - t[:, None] * seg).T)
+        k = int(np.argmin(d))
+        s = float(self._s[k] + t[k] * (self._s[k + 1] - self._s[k]))
+        if k == len(seg) - 1 and t[k] >= 1.0:  # past the end: extend along the end tangent
+            h = self._heading[-1]
+            s = self.length + float(np.dot(p - self._pts[-1], [np.cos(h), np.sin(h)]))
+        q = self.position(min(max(s, 0.0), self.length), 0.0)
+        h = self.heading_at(s)
+        return s, float(np.dot(p - q, [-np.sin(h), np.cos(h)]))
+
+
+def connector_between(network, a_index, b_index) -> ConnectorLane | None:
+    """The connector from lane `a_index` into lane `b_index` if highway-env leaves a bridgeable gap between
+    them (more than ROUTE_JOIN_M, at most JUNCTION_GAP_M and JUNCTION_TURN_RAD), else None."""
+    a, b = network.get_lane(a_index), network.get_lane(b_index)
+    gap = float(np.hypot(*(np.asarray(b.position(0.0, 0.0)) - np.asarray(a.position(a.length, 0.0)))))
+    turn = abs(float(np.angle(np.exp(1j * (b.heading_at(0.0) - a.heading_at(a.length))))))
+    if ROUTE_JOIN_M < gap <= JUNCTION_GAP_M and turn <= JUNCTION_TURN_RAD:
+        return ConnectorLane(a, b)
+    return None
+
+
+def junction_gaps(network) -> list[tuple]:
+    """(from lane index, to lane index) of every successor pair that needs a connector: the lane's end meets
+    no lane of that next road (within ROUTE_JOIN_M) but a lane of it starts within the gap limits."""
+    out = []
+    for _from, tos in network.graph.items():
+        for _to, lanes in tos.items():
+            for i, a in enumerate(lanes):
+                end = np.asarray(a.position(a.length, 0.0))
+                for nxt, nlanes in network.graph.get(_to, {}).items():
+                    gaps = [float(np.hypot(*(np.asarray(b.position(0.0, 0.0)) - end))) for b in nlanes]
+                    if min(gaps, default=np.inf) <= ROUTE_JOIN_M:
+                        continue
+                    for j in range(len(nlanes)):
+                        if connector_between(network, (_from, _to, i), (_to, nxt, j)) is not None:
+                            out.append(((_from, _to, i), (_to, nxt, j)))
+    return out
+
+
 def sample_road(env, env_name: str = "", step: float = LANE_SAMPLE_STEP) -> list[LaneSamples]:
-    """Sample every lane of the road network (centre and both borders) every `step` metres, global frame."""
+    """Sample every lane of the road network (centre and both borders) every `step` metres, global frame, plus
+    a lane connector (`ConnectorLane`, id "<from lane>~<to lane>") across every gap highway-env leaves at a junction."""
     u = getattr(env, "unwrapped", env)
     lanes = []
     for _from, tos in u.road.network.graph.items():
         for _to, lane_list in tos.items():
-            kind, inter = _junction(env_name, (_from, _to))
+            kind, inter = junction_kind(env_name, (_from, _to))
             for i, lane in enumerate(lane_list):
-                n = max(2, int(np.ceil(lane.length / step)) + 1)
-                s = np.linspace(0.0, lane.length, n)
-                half = np.array([lane.width_at(si) for si in s]) / 2.0
-                # highway-env lateral coordinates grow to the right of the driving direction
-                center = np.array([lane.position(si, 0.0) for si in s])
-                left = np.array([lane.position(si, -h) for si, h in zip(s, half)])
-                right = np.array([lane.position(si, h) for si, h in zip(s, half)])
-                limit = lane.speed_limit
-                lanes.append(LaneSamples(
-                    lane_id((_from, _to, i)), (_from, _to), kind, inter,
-                    float("nan") if limit is None else float(limit),
-                    to_global_xy(center), to_global_xy(left), to_global_xy(right),
-                ))
+                lanes.append(_samples(lane, lane_id((_from, _to, i)), (_from, _to), kind, inter, step))
+    junction = {ln.edge: ln.intersection for ln in lanes}
+    for a, b in junction_gaps(u.road.network):
+        conn = ConnectorLane(u.road.network.get_lane(a), u.road.network.get_lane(b))
+        ida, idb = lane_id(a), lane_id(b)
+        lanes.append(_samples(conn, f"{ida}~{idb}", (ida, idb), "lane_connector", junction[a[:2]] or junction[b[:2]], step))
     return lanes
+
+
+def _samples(lane, id: str, edge: tuple, kind: str, intersection: bool, step: float) -> LaneSamples:
+    n = max(2, int(np.ceil(lane.length / step)) + 1)
+    s = np.linspace(0.0, lane.length, n)
+    half = np.array([lane.width_at(si) for si in s]) / 2.0
+    # highway-env lateral coordinates grow to the right of the driving direction
+    center = np.array([lane.position(si, 0.0) for si in s])
+    left = np.array([lane.position(si, -h) for si, h in zip(s, half)])
+    right = np.array([lane.position(si, h) for si, h in zip(s, half)])
+    limit = lane.speed_limit
+    return LaneSamples(id, edge, kind, intersection, float("nan") if limit is None else float(limit),
+                       to_global_xy(center), to_global_xy(left), to_global_xy(right))
 
 
 def _simplify(points: np.ndarray) -> np.ndarray:
@@ -242,28 +337,97 @@ def _simplify(points: np.ndarray) -> np.ndarray:
     return np.asarray(LineString(points).simplify(SIMPLIFY_TOLERANCE).coords)
 
 
+ROUTE_JOIN_M = 1.0  # m, a lane leads into the next when its centreline ends this close to the next one's start
+
+
+def _leads_into(a: LaneSamples, b: LaneSamples) -> bool:
+    return float(np.hypot(*(a.center[-1] - b.center[0]))) <= ROUTE_JOIN_M
+
+
+def _lane_number(ln: LaneSamples) -> int:
+    return int(ln.id.rsplit("#", 1)[1])
+
+
+def route_chain(lanes: list[LaneSamples], lane_ids: Iterable[str], anchor: str | None = None) -> list[str]:
+    """A connected chain of lanes in driving order, one per road segment, from the lanes a vehicle followed.
+
+    `lane_ids`: the lanes followed, in time order (repeats and parallel lanes of a lane change allowed). Per
+    segment (highway-env edge (from, to)) the LAST lane followed in it is kept. Then, from the end backwards,
+    a kept lane that does not lead into the next kept lane (its centreline does not end within ROUTE_JOIN_M
+    of the next one's start) is joined to it: by the lane connector bridging a junction gap between them
+    (`sample_road`), else by the lane of its segment that leads into it directly or through a connector,
+    the nearest one by lane number (the vehicle changed lanes in the next segment). Where nothing joins two
+    segments, the chain is cut there, keeping the part with the segment of `anchor` (default: the first
+    lane). Unknown ids are dropped.
+    """
+    by_id = {ln.id: ln for ln in lanes}
+    by_edge: dict[tuple, list[LaneSamples]] = {}
+    for ln in lanes:
+        by_edge.setdefault(ln.edge, []).append(ln)
+    chain: list[LaneSamples] = []
+    for lid in lane_ids:
+        ln = by_id.get(lid)
+        if ln is None:
+            continue
+        if chain and chain[-1].edge == ln.edge:
+            chain[-1] = ln
+        elif not any(c.edge == ln.edge for c in chain):  # a segment is on the route once
+            chain.append(ln)
+    breaks = []
+    for k in range(len(chain) - 2, -1, -1):
+        a, b = chain[k], chain[k + 1]
+        if _leads_into(a, b):
+            continue
+        options = []  # (lane of a's segment, connector or None), a itself first
+        for alt in sorted(by_edge[a.edge], key=lambda ln: (ln is not a, abs(_lane_number(ln) - _lane_number(a)))):
+            if _leads_into(alt, b):
+                options.append((alt, None))
+            elif f"{alt.id}~{b.id}" in by_id:
+                options.append((alt, by_id[f"{alt.id}~{b.id}"]))
+        if not options:
+            breaks.append(k + 1)  # chain[k] and chain[k + 1] are not connected
+            continue
+        chain[k], conn = options[0]
+        if conn is not None:
+            chain.insert(k + 1, conn)
+            breaks = [x + 1 for x in breaks]
+    anchor_edge = by_id[anchor].edge if anchor in by_id else (chain[0].edge if chain else None)
+    at = next((k for k, ln in enumerate(chain) if ln.edge == anchor_edge), 0)
+    lo = max([b for b in breaks if b <= at], default=0)
+    hi = min([b for b in breaks if b > at], default=len(chain))
+    return [ln.id for ln in chain[lo:hi]]
+
+
+def _same_direction(a: LaneSamples, b: LaneSamples) -> bool:
+    """Lanes of one segment run the same way (highway-env builds them so; checked on the chords)."""
+    return float(np.dot(a.center[-1] - a.center[0], b.center[-1] - b.center[0])) > 0.0
+
+
 def export_road(env_or_lanes, region: tuple[float, float, float, float] | None = None, route: Iterable[str] = (), env_name: str = "") -> dict:
     """The schema's `map` struct for the road network, optionally cropped to `region` = (xmin, ymin, xmax, ymax).
 
     Lanes: centreline in driving direction and a polygon (left border + reversed right border). A lane
-    crossing the region is kept from its first to its last sample inside it. Areas: the union of the lane
-    polygons of each road edge, kind "intersection" for junction edges and "roadblock" otherwise. `route`
-    (lane ids in driving order) is kept as given and marks those lanes `on_route`.
+    crossing the region is kept from its first to its last sample inside it; route lanes are kept whole (so
+    the route's centrelines stay joined). Areas: the union of the lane polygons of each road edge, kind
+    "intersection" for junction edges and "roadblock" otherwise. `route` (lane ids in driving order, see
+    `route_chain`) is kept as given; `on_route` marks every lane of every road segment (highway-env edge, the
+    roadblock) on the route that runs in the same direction, as NAVSIM marks the lanes of its route's
+    roadblocks.
     """
     from shapely import Polygon, unary_union
 
     lanes = env_or_lanes if isinstance(env_or_lanes, list) else sample_road(env_or_lanes, env_name)
     route = [r for r in route]
-    on_route = set(route)
+    in_route = set(route)
+    route_lane = {ln.edge: ln for ln in lanes if ln.id in in_route}
     out_lanes, edge_polys, edge_inter = [], {}, {}
     for ln in lanes:
+        on_route = ln.edge in route_lane and _same_direction(ln, route_lane[ln.edge])
         keep = slice(None)
-        if region is not None:
+        if region is not None and ln.id not in in_route:
             xmin, ymin, xmax, ymax = region
             c = ln.center
             inside = (c[:, 0] >= xmin) & (c[:, 0] <= xmax) & (c[:, 1] >= ymin) & (c[:, 1] <= ymax)
-            if ln.id in on_route and not inside.any():
-                inside[:] = True  # never drop a route lane
             idx = np.flatnonzero(inside)
             if len(idx) == 0:
                 continue
@@ -278,7 +442,7 @@ def export_road(env_or_lanes, region: tuple[float, float, float, float] | None =
             poly = poly.buffer(0)
         out_lanes.append({
             "id": ln.id, "kind": ln.kind, "centerline": _simplify(center).tolist(),
-            "polygon": ring.tolist(), "speed_limit": ln.speed_limit, "on_route": ln.id in on_route,
+            "polygon": ring.tolist(), "speed_limit": ln.speed_limit, "on_route": bool(on_route),
         })
         if not poly.is_empty:
             edge_polys.setdefault(ln.edge, []).append(poly.buffer(0.05, join_style="mitre"))

@@ -1,0 +1,111 @@
+"""`mose curate --plan PLAN.yaml --out DIR`: run a per-stage data plan (curation/plan.py).
+
+    mose curate --plan datasets_cfg/stages/demo.yaml --out runs/plan [--plan-pool sim=DIR ...] [--seed S] [--no-progress]
+
+Writes DIR/<stage>.jsonl (+ .header.json) per stage, DIR/coverage.{csv,md,png} and DIR/plan_summary.json.
+Like curation/cli.py, this module is a composition root: it alone reaches into eval, lazily, for the fast
+pilot (MOSAIC / SEAD stages, through curation.cli.make_pilot) and for AutoScale's closed-loop feedback (the
+stage's `feedback.factory`, default "eval.autoscale_feedback:ClosedLoopFeedback", called as
+factory(pool, **other feedback keys)).
+
+Usable on its own (`add_arguments` / `run`) or inside `mose curate` (`register` adds --plan and --plan-pool
+to that parser; `run` is called when --plan is given).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+DEFAULT_FEEDBACK = "eval.autoscale_feedback:ClosedLoopFeedback"
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    """Add the plan options to an existing parser (e.g. `mose curate`'s)."""
+    parser.add_argument("--plan", help="per-stage data plan YAML (datasets_cfg/stages/*.yaml); --out is then a directory")
+    parser.add_argument("--plan-pool", action="append", default=[], metavar="NAME=DIR",
+                        help="with --plan: use DIR for the plan's pool NAME (repeatable)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plan", required=True, help="per-stage data plan YAML (datasets_cfg/stages/*.yaml)")
+    parser.add_argument("--out", required=True, help="output directory for the stage manifests and the coverage report")
+    parser.add_argument("--plan-pool", action="append", default=[], metavar="NAME=DIR", help="use DIR for the plan's pool NAME (repeatable)")
+    parser.add_argument("--seed", type=int, help="random seed (overrides the plan's seed)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def parse_pools(items) -> dict[str, str]:
+    out = {}
+    for it in items or []:
+        name, sep, path = str(it).partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--plan-pool: expected NAME=DIR, got {it!r}")
+        out[name] = path
+    return out
+
+
+def pilot_factory(pool, params: dict, seed: int):
+    from curation.cli import make_pilot
+
+    return make_pilot(pool, params, seed, "plan pilot")
+
+
+def feedback_factory(spec: dict, pool):
+    """The AutoScale evaluator: spec = {"factory": "module:attr", **keyword arguments}."""
+    spec = dict(spec or {})
+    target = spec.pop("factory", DEFAULT_FEEDBACK)
+    mod, _, attr = str(target).partition(":")
+    if not attr:
+        raise ValueError(f"feedback factory must be 'module:attribute', got {target!r}")
+    return getattr(importlib.import_module(mod), attr)(pool, **spec)
+
+
+def method_kwargs(method: str, pool, cfg: dict, args) -> dict:
+    """Extra `select` keyword arguments for `mose curate --method semantic|autoscale` (curation/cli.py):
+    semantic -> report_dir (the embedding map and scores CSV); autoscale -> the closed-loop evaluator built
+    from the config's `feedback` section (see `feedback_factory`), its held-out ids excluded, and report_dir."""
+    from pathlib import Path
+
+    out = Path(args.out)
+    plots = getattr(args, "plots", None) or str(out.with_name(out.name.removesuffix(".jsonl") + "_plots"))
+    if method == "semantic":
+        return {"report_dir": plots}
+    if method == "autoscale":
+        evaluator = feedback_factory(cfg.get("feedback", {}), pool)
+        return {"evaluator": evaluator, "exclude": list(getattr(evaluator, "heldout_ids", []) or []), "report_dir": plots}
+    return {}
+
+
+def run(args) -> int:
+    from curation.features import FeatureError
+    from curation.plan import PlanError, load_plan, run_plan
+    from curation.selection import PilotError, SelectionError
+    from datasets_cfg.schema import SchemaError
+
+    try:
+        plan = load_plan(args.plan, parse_pools(getattr(args, "plan_pool", [])))
+        if getattr(args, "seed", None) is not None:
+            plan.seed = int(args.seed)
+        result = run_plan(plan, args.out, pilot_factory=pilot_factory, feedback_factory=feedback_factory,
+                          progress=not getattr(args, "no_progress", False))
+    except (PlanError, SelectionError, FeatureError, PilotError, SchemaError, FileNotFoundError, KeyError, ValueError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"mose curate --plan: error: {msg}", file=sys.stderr)
+        return 2
+    for name, sel in result.selections.items():
+        fb = f", {len(sel.fallbacks)} fallback(s)" if sel.fallbacks else ""
+        print(f"mose curate --plan: {name}: {sel.method} selected {len(sel)} scenes (real:synthetic {sel.state['ratio']}) -> "
+              f"{result.manifests[name]}{fb}")
+    print(f"mose curate --plan: coverage -> {result.coverage_md}, {result.coverage_png}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m curation.plan_cli", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""A MoSE (or any transformers VLM) checkpoint as a planner: the step-by-step prompt, greedy generation, and the
+trajectory read back from the answer with the skill-format parser.
+
+- `answer_to_poses(answer)`: the planning segment's 8 (x, y) poses -> (8, 3) poses (x, y, heading) in the ego
+  frame; headings come from the answer when it gives them, else from the direction between consecutive poses
+  (the first from the origin). An answer without a complete 8-pose trajectory gives no poses and the reason.
+- `ModelPlanner`: `planner(scene) -> (8, 3) poses` for eval/closed_loop.py. The prompt is the training set's
+  hierarchical prompt (datasets_cfg/skill_items.py) for the observed scene. Its image is the scene's current frame
+  when the observation has one; closed-loop observations carry none, so a top-down view is drawn from the
+  observation's lanes and agents in the simulator's colours (`draw_topdown`, an approximation of the highway-env
+  render the model was trained on, documented in the report). An unreadable answer raises ValueError, which the
+  closed loop counts as a planner failure (the ego then brakes). `replan_every` = k: the model is asked every k-th
+  call (k * 0.5 s in the closed loop); in between the planner returns the rest of its last plan in the current ego
+  frame (the last step repeated at its end), or fails again when the last answer had no plan. Every call is kept in
+  `decisions_`.
+
+Generation goes through eval/coda_generate.Generator (the CODA evaluation's generator), one scene per call.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from mose.skill_format import NUM_POSES, parse_answer
+
+VIEW_METERS = 75.0  # the simulator render's field of view (datasets_cfg/sources/sim_render.py)
+ROAD, LINE, EGO, OTHER = (100, 100, 100), (255, 255, 255), (50, 200, 0), (100, 200, 255)
+
+
+@contextlib.contextmanager
+def generation_threads(n: int = 1):
+    """Run generation with `n` torch threads. Workaround: mose/moe.py's threaded "sort" expert dispatch fails under
+    torch.inference_mode (the flag is per thread, so its worker threads write into inference tensors outside it), and
+    eval/coda_generate.Generator decodes under inference_mode; with one thread the dispatch stays in the caller's thread."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def headings_from_xy(xy: np.ndarray, min_step: float = 0.05) -> np.ndarray:
+    """(n,) headings along a polyline of (n, 2) ego-frame positions starting after the origin (0, 0)."""
+    pts = np.vstack([[0.0, 0.0], np.asarray(xy, float)])
+    d = np.diff(pts, axis=0)
+    out, last = np.zeros(len(d)), 0.0
+    for i, (dx, dy) in enumerate(d):
+        if math.hypot(dx, dy) >= min_step:
+            last = math.atan2(dy, dx)
+        out[i] = last
+    return out
+
+
+def answer_to_poses(answer: str, taxonomy=None, num_poses: int = NUM_POSES) -> tuple[np.ndarray | None, dict]:
+    """(poses or None, info): info has "format_ok" (no parser error at all), "trajectory_points", "errors", "reason"."""
+    parsed = parse_answer(answer, taxonomy, num_poses)
+    n = 0 if parsed.trajectory is None else len(parsed.trajectory)
+    info = {"format_ok": parsed.ok, "trajectory_points": n, "errors": parsed.errors[:8], "reason": ""}
+    if not parsed.trajectory_complete:
+        traj_errors = [e for e in parsed.errors if "trajectory" in e] or parsed.errors
+        info["reason"] = "unparseable model output: " + ("; ".join(traj_errors[:3]) or "no trajectory")
+        return None, info
+    xy = parsed.trajectory[:num_poses]
+    heading = parsed.headings[:num_poses] if parsed.headings is not None else headings_from_xy(xy)
+    return np.column_stack([xy, heading]), info
+
+
+def draw_topdown(scene, image_size: int = 64):
+    """A PIL image of the scene's current frame seen from above, centred on the ego (highway-env's layout: world
+    x to the right, world y up, no rotation; lane outlines white on grey, ego green, other vehicles light blue)."""
+    from PIL import Image, ImageDraw
+
+    from datasets_cfg.geometry import box_corners
+
+    ppm = image_size / VIEW_METERS
+    ex, ey, eh = scene.ego_pose()
+    meta = scene.meta
+    axle = float(meta.get("ego_size", {}).get("rear_axle_to_center", 1.461))
+    cx, cy = ex + axle * math.cos(eh), ey + axle * math.sin(eh)
+
+    def px(points):
+        p = np.asarray(points, float).reshape(-1, 2)
+        return [(image_size / 2 + (x - cx) * ppm, image_size / 2 - (y - cy) * ppm) for x, y in p]
+
+    im = Image.new("RGB", (image_size, image_size), ROAD)
+    draw = ImageDraw.Draw(im)
+    for lane in scene.row["map"]["lanes"]:
+        if len(lane["polygon"]) >= 3:
+            pts = px(lane["polygon"])
+            draw.line(pts + pts[:1], fill=LINE, width=1)
+    agents = scene.agents_at()
+    for i in range(len(agents)):
+        corners = box_corners(agents.xy[i, 0], agents.xy[i, 1], agents.heading[i], max(agents.length[i], 0.5), max(agents.width[i], 0.5))
+        draw.polygon(px(corners), fill=OTHER)
+    size = meta.get("ego_size", {})
+    draw.polygon(px(box_corners(cx, cy, eh, float(size.get("length", 5.0)), float(size.get("width", 2.0)))), fill=EGO)
+    return im
+
+
+class ModelPlanner:
+    """`planner(scene) -> (8, 3)` poses from a checkpoint's generated step-by-step answer (module doc)."""
+
+    def __init__(self, model_path: str | Path, max_new_tokens: int = 448, image_size: int = 64, replan_every: int = 1,
+                 interval: float = 0.5, taxonomy=None):
+        if replan_every < 1:
+            raise ValueError(f"ModelPlanner: replan_every must be >= 1, got {replan_every}")
+        self.model_path = str(model_path)
+        self.max_new_tokens = max_new_tokens
+        self.image_size = image_size
+        self.replan_every = replan_every
+        self.interval = interval
+        self.taxonomy = taxonomy
+        self.decisions_: list[dict] = []
+        self._last = None  # (log name, frame time s, global ego pose, poses or None, reason) of the last model answer
+
+    def load(self) -> "ModelPlanner":
+        from eval.coda_generate import Generator
+
+        self.generator_ = Generator(self.model_path, batch_size=1, max_new_tokens=self.max_new_tokens).load()
+        self._tmp = tempfile.TemporaryDirectory(prefix="mose-planner-")
+        return self
+
+    def _follow_last(self, scene):
+        """(poses or None, reason) from the last plan, when this call is within its replanning period."""
+        if self._last is None or self.replan_every == 1:
+            return None
+        log, t0, origin, poses, reason = self._last
+        meta = scene.meta
+        k = round((float(meta.get("timestamp_s", 0.0)) - t0) / self.interval)
+        if meta.get("log_name") != log or not 0 < k < self.replan_every:
+            return None
+        if poses is None:
+            return None, reason
+        from datasets_cfg.geometry import global_to_local, local_to_global
+
+        rest = local_to_global(poses[k:], origin)
+        step = rest[-1] - (local_to_global(poses[k - 1:k], origin)[0] if len(rest) == 1 else rest[-2])
+        pad = np.stack([rest[-1] + (j + 1) * step for j in range(k)])  # keep the last step's motion
+        pad[:, 2] = rest[-1, 2]
+        return global_to_local(np.vstack([rest, pad]), scene.ego_pose()), ""
+
+    def __call__(self, scene) -> np.ndarray:
+        from datasets_cfg.skill_items import hierarchical_prompt
+
+        followed = self._follow_last(scene)
+        if followed is not None:
+            poses, reason = followed
+            self.decisions_.append({"scene": scene.id, "image": None, "answer": None, "format_ok": None, "trajectory_points": None,
+                                    "errors": [], "reason": reason, "followed_last_plan": True})
+            if poses is None:
+                raise ValueError(reason)
+            return poses
+        if not hasattr(self, "generator_"):
+            self.load()
+        paths = scene.image_paths(frame=scene.current_index)
+        if paths and paths[0].is_file():
+            image, drawn = str(paths[0]), False
+        else:
+            image, drawn = str(Path(self._tmp.name) / "frame.png"), True
+            draw_topdown(scene, self.image_size).save(image)
+        with generation_threads():
+            answer = self.generator_.answer([{"question": hierarchical_prompt(scene.row), "image": image}])[0]
+        poses, info = answer_to_poses(answer, self.taxonomy)
+        self.decisions_.append({"scene": scene.id, "image": "drawn" if drawn else image, "answer": answer, **info, "followed_last_plan": False})
+        meta = scene.meta
+        self._last = (meta.get("log_name"), float(meta.get("timestamp_s", 0.0)), scene.ego_pose(), poses, info["reason"])
+        if poses is None:
+            raise ValueError(info["reason"])
+        return poses
+
+    def close(self) -> None:
+        if hasattr(self, "_tmp"):
+            self._tmp.cleanup()
+
+
+__all__ = ["ModelPlanner", "answer_to_poses", "headings_from_xy", "draw_topdown", "generation_threads"]

@@ -1,0 +1,452 @@
+"""The `mose demo` report: `report.md` with tables and PNG plots, generated from the run's step outputs only.
+
+    build_report("runs/demo", "runs/demo/report")   # -> {"report": ..., "figures": [...], "numbers": {...}}
+
+Every number comes from a file a step wrote (`<step>/summary.json`, `.done.json` markers, manifests' coverage CSV,
+`evaluate/results.json`, `closed_loop/results.json`, training `log.jsonl`); nothing is typed in. Numbers are printed
+with `fmt` (4 decimals for fractions and scores), so a table cell can be checked against its source file.
+Figures: skill coverage per stage, MOSAIC scaling curves and allocation (drawn by curation/mosaic.py), the routing
+heatmap per skill (mose/router_pretrain.py), training losses, scores vs the dense baseline, closed-loop results.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+STEP_ORDER = ("simulate", "skills", "curate", "train", "train_dense", "evaluate", "closed_loop", "report")
+MODEL_NAMES = {"mose": "MoSE", "dense": "dense baseline"}
+REF_NAMES = {"human": "human (logged future)", "pdm_closed": "PDM-Closed", "constant_velocity": "constant velocity"}
+
+
+def fmt(v, digits: int = 4) -> str:
+    """Table cell: n/a for missing / NaN, integers as they are, floats with `digits` decimals."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    return f"{float(v):.{digits}f}"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in r) + " |" for r in rows]
+    return "\n" + "\n".join(lines) + "\n\n"  # blank lines around: a following paragraph must not join the table
+
+
+def _load(path: Path) -> dict:
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+
+
+def _save(fig, path: Path) -> Path:
+    from datasets_cfg.atomic import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ----------------------------------------------------------------------------------------------
+# figures
+
+
+def stage_coverage(coverage_csv: Path) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """(skills, stages, selected (S, T), available (S, T)) summed over sources and environments of the plan's coverage CSV."""
+    sel, avail = defaultdict(int), defaultdict(int)
+    skills, stages = [], []
+    with open(coverage_csv, newline="", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            if r["skill"] not in skills:
+                skills.append(r["skill"])
+            if r["stage"] not in stages:
+                stages.append(r["stage"])
+            sel[r["skill"], r["stage"]] += int(r["selected"])
+            avail[r["skill"], r["stage"]] += int(r["available"])
+    S = np.array([[sel[s, t] for t in stages] for s in skills])
+    A = np.array([[avail[s, t] for t in stages] for s in skills])
+    return skills, stages, S, A
+
+
+def plot_stage_coverage(skills, stages, S, budgets: dict, path: Path, depth: dict) -> Path:
+    plt = _plt()
+    frac = S / np.maximum(np.array([budgets.get(t, 1) for t in stages])[None, :], 1)
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(stages), 0.34 * len(skills) + 1.4))
+    im = ax.imshow(frac, aspect="auto", cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(stages)), [f"{t}\n({budgets.get(t, '?')} scenes)" for t in stages], fontsize=8)
+    ax.set_yticks(range(len(skills)), [("· " * depth.get(s, 0)) + s for s in skills], fontsize=8)
+    for (i, j), v in np.ndenumerate(S):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if frac[i, j] > 0.6 else "black")
+    fig.colorbar(im, ax=ax, label="share of the stage's scenes")
+    ax.set_title("skill coverage per training stage (selected scenes)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_losses(train: dict, dense: dict, path: Path) -> Path:
+    plt = _plt()
+    stages = list(train.get("stages", {}))
+    fig, axes = plt.subplots(1, max(len(stages), 1), figsize=(4.2 * max(len(stages), 1), 3.2), squeeze=False)
+    for ax, st in zip(axes[0], stages):
+        for name, summ, style in (("MoSE", train, "-o"), ("dense", dense, "--s")):
+            curve = np.array(summ.get("stages", {}).get(st, {}).get("loss_curve", []), dtype=float).reshape(-1, 2)
+            if len(curve):
+                ax.plot(curve[:, 0], curve[:, 1], style, ms=3, label=name)
+        ax.set_title(st, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize=7)
+    fig.suptitle("training loss per stage (LM + routing losses; the dense model has LM loss only)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_scores(ev: dict, cl: dict, path: Path) -> Path:
+    """Held-out scores and closed-loop results, MoSE vs dense (references where they exist)."""
+    plt = _plt()
+    models = [m for m in ("mose", "dense") if m in ev.get("models", {})]
+    panels = []
+    qa = [("BLEU-4 /100 (general)", lambda r: _get(r, "coda", "offline", "general", "bleu4"), 100.0),
+          ("ROUGE-L (general)", lambda r: _get(r, "coda", "offline", "general", "rouge_l"), 1.0),
+          ("CIDEr-D /10 (general)", lambda r: _get(r, "coda", "offline", "general", "cider_d"), 10.0),
+          ("object recall", lambda r: _get(r, "coda", "offline", "object_recall", "recall"), 1.0)]
+    panels.append(("CODA-style QA (held-out)", [(n, [(_num(f(ev["models"][m])) or 0.0) / s for m in models]) for n, f, s in qa], models))
+    names = models + list(ev.get("references", {}))
+    ep = [_get(ev["models"][m], "planning", "mean_score") if m in ev["models"] else _get(ev["references"][m], "mean_score") for m in names]
+    panels.append(("EPDMS of planned trajectories (invalid = 0)", [("EPDMS", [_num(v) or 0.0 for v in ep])], names))
+    cl_names = list(cl.get("planners", {}))
+    keys = [("route completion", "route_completion"), ("crash rate", "crash_rate"), ("EPDMS (executed)", "epdms")]
+    panels.append(("closed loop", [(lab, [_num(_get(cl["planners"][p], "means", k)) or 0.0 for p in cl_names]) for lab, k in keys], cl_names))
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 3.8))
+    for ax, (title, groups, who) in zip(axes, panels):
+        width = 0.8 / max(len(who), 1)
+        x = np.arange(len(groups))
+        for k, name in enumerate(who):
+            vals = [g[1][k] for g in groups]
+            bars = ax.bar(x + (k - (len(who) - 1) / 2) * width, vals, width, label=MODEL_NAMES.get(name, REF_NAMES.get(name, name)))
+            for b, v in zip(bars, vals):
+                ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{v:.2f}", ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(x, [g[0] for g in groups], fontsize=7, rotation=15)
+        ax.set_ylim(0, 1.1)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_routing(rt: dict, depth: dict, path: Path) -> Path:
+    """Skills (rows, those with held-out tokens) x experts: share of the skill's top-k choices, its own experts outlined."""
+    from matplotlib.patches import Rectangle
+
+    plt = _plt()
+    usage = np.asarray(rt["usage"], dtype=float)
+    rows = [i for i in range(len(usage)) if usage[i].sum() > 0]
+    names = [rt["skills"][i] for i in rows]
+    data = usage[rows]
+    fig, ax = plt.subplots(figsize=(3.2 + 0.8 * data.shape[1], 0.38 * len(rows) + 1.6))
+    im = ax.imshow(data, aspect="auto", cmap="magma", vmin=0, vmax=1)
+    ax.set_yticks(range(len(rows)), [("· " * depth.get(n, 0)) + n for n in names], fontsize=8)
+    ax.set_xticks(range(data.shape[1]), [f"expert {e}" for e in range(data.shape[1])], fontsize=8)
+    for r, n in enumerate(names):
+        for e in rt["skill_groups"].get(n, []):
+            ax.add_patch(Rectangle((e - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=1.5))
+        for e, v in enumerate(data[r]):
+            ax.text(e, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="black" if v > 0.5 else "white")
+    fig.colorbar(im, ax=ax, label="share of the skill's expert choices")
+    ax.set_title(f"MoSE routing per skill, held-out (all MoE layers)\ntop-1 inside its experts (outlined): coarse "
+                 f"{rt['coarse_accuracy']:.2f}, fine {rt['fine_accuracy']:.2f}", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _get(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _num(v):
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+# ----------------------------------------------------------------------------------------------
+# sections
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("mose-driving", "torch", "transformers", "deepspeed", "datasets", "peft", "highway-env", "gymnasium", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def build_report(run_dir: str | Path, out_dir: str | Path) -> dict:
+    """Write out_dir/report.md and out_dir/figures/*.png from the step outputs in run_dir; returns what was used."""
+    from datasets_cfg.atomic import write_text
+    from mose.skills import load_taxonomy
+
+    run, out = Path(run_dir), Path(out_dir)
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    S = {s: _load(run / s / "summary.json") for s in STEP_ORDER}
+    markers = {s: _load(run / s / ".done.json") for s in STEP_ORDER}
+    sim, sk, cur, tr, dn, ev, cl = (S[k] for k in ("simulate", "skills", "curate", "train", "train_dense", "evaluate", "closed_loop"))
+    cfg_marker = markers.get("simulate", {}).get("config", {})
+    tax = load_taxonomy()
+    depth = {n: tax.depth(n) for n in tax.names}
+    md: list[str] = []
+    figures: dict[str, str] = {}
+    numbers: dict = {}
+
+    md.append("# MoSE demo report\n\n")
+    md.append("Everything below was produced by this run of `mose demo` (simulated scenes, a tiny random-init model trained "
+              "for minutes on the CPU). Every number is read from the step outputs named under each table. The tiny model "
+              "is not expected to drive well: the point is the pipeline, and the numbers say what it does.\n")
+
+    # --- run metadata -----------------------------------------------------------------------
+    md.append("## Run\n\n")
+    seed = cfg_marker.get("seed")
+    meta_rows = [["scale", str(markers.get("simulate", {}).get("scale", "n/a"))], ["settings", str(markers.get("simulate", {}).get("settings", "n/a"))],
+                 ["seed", fmt(seed)]]
+    meta_rows += [[k, v] for k, v in _versions().items()]
+    md.append(table(["", "value"], meta_rows))
+    rows, total = [], 0.0
+    for s in STEP_ORDER[:-1]:
+        m = markers.get(s) or {}
+        total += float(m.get("seconds") or 0)
+        rows.append([s, fmt(m.get("seconds"), 1), m.get("finished_at", "n/a"), m.get("hash", "n/a")])
+    rows.append(["total (steps 1-7)", fmt(total, 1), "", ""])
+    md.append("Wall time per step (seconds the step took when it ran; from `<step>/.done.json`):\n\n")
+    md.append(table(["step", "seconds", "finished (UTC)", "config hash"], rows))
+    numbers["wall_seconds"] = {s: (markers.get(s) or {}).get("seconds") for s in STEP_ORDER[:-1]}
+
+    # --- data ---------------------------------------------------------------------------------
+    md.append("## Data: simulated pools\n\n")
+    rows = []
+    for name in ("train", "heldout"):
+        p = sim.get(name, {})
+        rows.append([name, p.get("num_scenes"), p.get("sources", {}).get("real", 0), p.get("sources", {}).get("synthetic", 0),
+                     p.get("episodes_in_pool"), ", ".join(f"{k} {v}" for k, v in sorted(p.get("environments", {}).items())),
+                     p.get("crash"), p.get("near_miss"), p.get("seed")])
+    md.append(table(["pool", "scenes", "real", "synthetic", "logs", "environments", "crash", "near miss", "seed"], rows))
+    md.append("Source: `simulate/summary.json` (highway-env via `datasets_cfg/sources/sim.py`). Real = default simulator "
+              "settings, synthetic = perturbed traffic, events and renders. The held-out pool uses another seed: no shared log.\n\n")
+
+    # --- skills and coverage ------------------------------------------------------------------
+    md.append("## Skills: annotation and coverage per stage\n\n")
+    skills_n, stages_n, Ssel, Savail = stage_coverage(run / "curate" / "coverage.csv") if (run / "curate" / "coverage.csv").is_file() else ([], [], np.zeros((0, 0)), None)
+    budgets = {k: v.get("budget") for k, v in cur.get("stages", {}).items()}
+    if skills_n:
+        figures["skill_coverage"] = str(plot_stage_coverage(skills_n, stages_n, Ssel, budgets, figs / "skill_coverage.png", depth).relative_to(out))
+        tokens = _get(sk, "tokenised", "tokens_per_skill") or {}
+        rows = []
+        for i, s in enumerate(skills_n):
+            rows.append([("&nbsp;&nbsp;" * depth.get(s, 0)) + s, _get(sk, "train", "scenes_per_skill", s), _get(sk, "heldout", "scenes_per_skill", s)]
+                        + [int(Ssel[i, j]) for j in range(len(stages_n))] + [tokens.get(s)])
+        md.append(table(["skill", "train pool scenes", "held-out scenes"] + [f"{t} scenes" for t in stages_n] + ["labelled tokens (train items)"], rows))
+        md.append(f"\n![skill coverage per stage]({figures['skill_coverage']})\n\n")
+    items = sk.get("items", {})
+    md.append(f"Hierarchical skill dataset of the training pool: {fmt(items.get('count'))} items "
+              f"({', '.join(f'{k} {v}' for k, v in sorted(items.get('items', {}).items()))}); skipped: "
+              f"{json.dumps(items.get('skipped', {}))}; tokenised: {fmt(_get(sk, 'tokenised', 'items_out'))} of "
+              f"{fmt(_get(sk, 'tokenised', 'items_in'))} (skipped {json.dumps(_get(sk, 'tokenised', 'skipped') or {})}). "
+              f"Tokenizer: byte-level BPE trained offline on these texts, vocabulary {fmt(sk.get('vocab_size'))} "
+              "(`mose/skill_tokenizer.py`). Sources: `skills/summary.json`, `curate/coverage.csv`.\n\n")
+
+    # --- curation -----------------------------------------------------------------------------
+    md.append("## Curation: the stage plan\n\n")
+    rows = [[name, st.get("method"), f"{st.get('selected')}/{st.get('budget')}", st.get("ratio"),
+             ", ".join(f"{k}≥{v.get('required', v) if isinstance(v, dict) else v}" for k, v in (st.get("skills_min") or {}).items()) or "-",
+             ", ".join(st.get("fallbacks") or []) or "-"] for name, st in cur.get("stages", {}).items()]
+    md.append(table(["stage", "method", "selected / budget", "real:synthetic", "skill minimums", "fallbacks recorded"], rows))
+    md.append("Source: `curate/plan_summary.json`, `curate/<stage>.header.json` (the plan is `curate/plan.yaml`).\n\n")
+    for name, st in cur.get("stages", {}).items():
+        ms = st.get("mosaic")
+        if not ms:
+            continue
+        md.append(f"### MOSAIC ({name}): scaling curves and allocation\n")
+        dom = ms["domains"]
+        rows = []
+        for i, d in enumerate(dom["names"]):
+            f = ms["fits"].get(d, {})
+            pts = ms.get("pilot", {}).get("points", {}).get(d, {})
+            rows.append([d, dom["sizes"][i], f.get("a"), f.get("tau"), f.get("status", ""), ", ".join(f"{n}:{g:.3f}" for n, g in zip(pts.get("n", []), pts.get("gain", []))) or "-",
+                         ms["allocation"].get(d)])
+        md.append(table(["domain", "scenes", "a (fitted gain)", "τ (scenes)", "fit", "pilot points n:ΔU", "allocated"], rows))
+        md.append(f"ΔU = gain in the fast pilot planner's EPDMS on its held-out pilot scenes (eval/pilot.py) over the base run's "
+                  f"U₀ = {fmt(_get(ms, 'pilot', 'base_score'))} ({fmt(_get(ms, 'pilot', 'base_size'))} scenes); fitted "
+                  f"ΔU(n) = a(1 - exp(-n/τ)) per domain; predicted gain of the allocation {fmt(ms.get('predicted_gain'))}. "
+                  f"Domains: {dom.get('source')}. Source: `curate/{name}.header.json`.\n\n")
+        for key, label in (("fits", "MOSAIC scaling curves"), ("allocation", "MOSAIC allocation")):
+            src = ms.get("plots", {}).get(key)
+            if src and (run / src).is_file():
+                dst = figs / f"mosaic_{key}.png"
+                shutil.copyfile(run / src, dst)
+                figures[f"mosaic_{key}"] = str(dst.relative_to(out))
+                md.append(f"![{label}]({figures[f'mosaic_{key}']})\n")
+        md.append("\n")
+
+    # --- training -----------------------------------------------------------------------------
+    md.append("## Training\n\n")
+    rows = []
+    for label, summ in (("MoSE", tr), ("dense", dn)):
+        p = summ.get("parameters", {})
+        for st, s in summ.get("stages", {}).items():
+            rows.append([label, st, s.get("steps"), s.get("scenes"), s.get("items"), ", ".join(s.get("trainable_groups", [])), s.get("trainable_params"),
+                         s.get("train_loss"), s.get("last_loss")])
+        rows.append([label, "parameters", "", "", "", f"total {p.get('total')}, activated per token {p.get('activated')}", "", "", ""])
+    md.append(table(["model", "stage", "steps", "scenes", "items", "trainable groups", "trainable params", "mean train loss", "last loss"], rows))
+    md.append(f"{tr.get('model', '')}; {dn.get('model', '')}. DeepSpeed: {'ZeRO config ' if _get(tr, 'stages', 'align', 'deepspeed') else 'off'}"
+              f"{'(training/deepspeed/)' if _get(tr, 'stages', 'align', 'deepspeed') else ''}. Sources: `train/summary.json`, "
+              "`train_dense/summary.json`, `<stage>/log.jsonl`.\n\n")
+    if tr.get("stages"):
+        figures["losses"] = str(plot_losses(tr, dn, figs / "training_loss.png").relative_to(out))
+        md.append(f"![training loss]({figures['losses']})\n\n")
+
+    # --- routing ------------------------------------------------------------------------------
+    rt = _get(ev, "models", "mose", "routing")
+    if rt:
+        md.append("## Routing per skill (MoSE, held-out hierarchical items)\n\n")
+        md.append(table(["coarse top-1 in group", "fine top-1 in group", "balance (1 = even)", "labelled tokens x layers", "held-out LM loss"],
+                        [[rt.get("coarse_accuracy"), rt.get("fine_accuracy"), rt.get("balance"), rt.get("coarse_tokens"), rt.get("lm_loss")]]))
+        per = rt.get("per_skill", {})
+        groups = rt.get("skill_groups", {})
+        rows = [[("&nbsp;&nbsp;" * depth.get(s, 0)) + s, ", ".join(map(str, groups.get(s, []))), per.get(s)] for s in rt.get("skills", []) if s in per]
+        md.append("\n" + table(["skill", "its experts", "top-1 in its group"], rows))
+        if rt.get("usage"):
+            figures["routing"] = str(plot_routing(rt, depth, figs / "routing_heatmap.png").relative_to(out))
+            md.append(f"\n![routing heatmap per skill]({figures['routing']})\n\n")
+        if rt.get("checkpoint_skill_order_differs"):
+            md.append("**Note:** the checkpoint's `config.json` stores `skill_groups` in alphabetical order, not in skill-id order, so the "
+                      "stages after `align` (which load the previous stage's checkpoint) trained their routers against permuted expert "
+                      "groups; the accuracies above use the taxonomy's groups (the intended ones). Known issue, reported.\n\n")
+        md.append("Cells: share of each skill's token choices (top-k, all MoE layers) per expert; the skill's own experts are outlined. "
+                  "Source: `evaluate/routing/routing.json` (mose/router_pretrain.py `evaluate_routing`, from the routing trace).\n\n")
+
+    # --- results vs dense ---------------------------------------------------------------------
+    md.append("## Held-out results: MoSE vs the dense baseline\n\n")
+    md.append(f"{fmt(ev.get('heldout_scenes'))} held-out scenes. Both models: same manifests, stages, steps and learning rates.\n\n")
+    md.append("### CODA-style QA (offline metrics)\n\n")
+    rows = []
+    for m in ("mose", "dense"):
+        off = _get(ev, "models", m, "coda", "offline") or {}
+        for task in ("general", "region", "suggestion"):
+            if task in off:
+                o = off[task]
+                rows.append([MODEL_NAMES[m], task, o.get("n"), o.get("missing"), o.get("bleu4"), o.get("rouge_l"), o.get("cider_d")])
+        rec = off.get("object_recall", {})
+        rows.append([MODEL_NAMES[m], "object recall / precision", rec.get("scenes"), "", rec.get("recall"), rec.get("precision"), ""])
+    md.append(table(["model", "task", "questions", "missing", "BLEU-4 (0-100)", "ROUGE-L (0-1)", "CIDEr-D (0-10)"], rows))
+    judge = ev.get("judge")
+    if judge:
+        rows = []
+        for m in ("mose", "dense"):
+            js = _get(ev, "models", m, "coda", "judge_scores") or {}
+            for task, v in js.items():
+                if isinstance(v, dict) and "score" in v:
+                    rows.append([MODEL_NAMES[m], task, v.get("score"), v.get("score_failures_as_1"), v.get("judged"), v.get("failed")])
+        md.append(f"\nLLM judge {judge.get('model')} at {judge.get('url')}:\n\n")
+        md.append(table(["model", "task", "judge score", "failures as 1", "judged", "failed"], rows))
+    else:
+        md.append("\nLLM judge: not configured (set MOSE_JUDGE_URL and MOSE_JUDGE_MODEL to an OpenAI-compatible endpoint to add it).\n")
+    md.append("Source: `evaluate/coda/<model>/scores.json` (`mose eval coda` on the held-out pool).\n\n")
+
+    md.append("### Planned trajectories: EPDMS\n\n")
+    rows = []
+    for m in ("mose", "dense"):
+        p = _get(ev, "models", m, "planning") or {}
+        rows.append([MODEL_NAMES[m], p.get("scenes"), p.get("valid"), p.get("invalid"), p.get("mean_score"), p.get("mean_score_valid"),
+                     _get(p, "submetrics_valid_mean", "no_at_fault_collisions"), _get(p, "submetrics_valid_mean", "drivable_area_compliance"),
+                     _get(p, "submetrics_valid_mean", "ego_progress")])
+        numbers[f"epdms_{m}"] = p.get("mean_score")
+    for r, p in (ev.get("references") or {}).items():
+        rows.append([REF_NAMES.get(r, r), p.get("scenes"), p.get("valid"), p.get("invalid"), p.get("mean_score"), p.get("mean_score_valid"),
+                     _get(p, "submetrics_valid_mean", "no_at_fault_collisions"), _get(p, "submetrics_valid_mean", "drivable_area_compliance"),
+                     _get(p, "submetrics_valid_mean", "ego_progress")])
+    md.append(table(["planner", "scenes", "valid", "invalid", "EPDMS (invalid = 0)", "EPDMS over valid", "NC", "DAC", "EP"], rows))
+    rows = []
+    for m in ("mose", "dense"):
+        f = _get(ev, "models", m, "planning", "format") or {}
+        reasons = _get(ev, "models", m, "planning", "invalid_reasons") or {}
+        rows.append([MODEL_NAMES[m], f.get("answers"), f.get("format_ok"), f.get("trajectory_complete"), f.get("mean_trajectory_points"),
+                     "; ".join(f"{k} ({v})" for k, v in reasons.items()) or "-"])
+    md.append("\n" + table(["model", "answers", "well-formed (no parser error)", "complete 8-pose trajectories", "mean poses read", "invalid rows: reason (count)"], rows))
+    said = []
+    for m in ("mose", "dense"):
+        f = _get(ev, "models", m, "planning", "format") or {}
+        said.append(f"{MODEL_NAMES[m]} wrote a complete trajectory for {fmt(f.get('trajectory_complete'))} of {fmt(f.get('answers'))} held-out scenes")
+    md.append("In this run: " + "; ".join(said) + ". ")
+    md.append("A model answer without a complete 8-pose trajectory is an invalid row (score 0, reason kept in the CSV), never dropped. "
+              "Sources: `evaluate/results.json`, `evaluate/planning/<model>/epdms_scores.csv` (per scene), `.../answers.jsonl` (raw answers).\n\n")
+    sample = _first_answer(run / "evaluate" / "planning" / "mose" / "answers.jsonl")
+    if sample is not None:
+        md.append("First held-out answer of MoSE (verbatim, first 300 characters):\n\n```\n" + sample[:300].replace("```", "'''") + "\n```\n\n")
+
+    # --- closed loop --------------------------------------------------------------------------
+    md.append("## Closed loop (highway-env)\n\n")
+    rows = []
+    for name, p in (cl.get("planners") or {}).items():
+        mm = p.get("means", {})
+        d = p.get("decisions", {})
+        rows.append([MODEL_NAMES.get(name, REF_NAMES.get(name, name)), mm.get("episodes"), mm.get("crash_rate"), mm.get("offroad_rate"), mm.get("route_completion"),
+                     mm.get("progress_m"), mm.get("comfort"), mm.get("epdms"), mm.get("planner_failures"),
+                     f"{d.get('trajectory_parsed')}/{d.get('model_calls')}" if d else "-"])
+        numbers[f"closed_loop_{name}_route_completion"] = mm.get("route_completion")
+    md.append(table(["planner", "episodes", "crash rate", "offroad rate", "route completion", "progress (m)", "comfort", "EPDMS (executed)",
+                     "planner failures", "model answers with a trajectory"], rows))
+    md.append(f"Environments {', '.join(cl.get('envs', []))}, {fmt(cl.get('episodes'))} episode(s) of {fmt(cl.get('duration_s'), 1)} s per planner, same seeds "
+              f"for every planner; a decision every 0.5 s. The models answer every {fmt(_replan(cl))}-th decision and follow the rest of their "
+              "last plan in between. A decision without a readable trajectory is a planner failure: the ego brakes (eval/closed_loop.py). "
+              "The models' image is drawn from the observation's lanes and agents (closed-loop observations carry no render), "
+              "which approximates the simulator renders they were trained on. Source: `closed_loop/results.json`, `closed_loop/<planner>.json`.\n\n")
+    if ev.get("models"):
+        figures["scores"] = str(plot_scores(ev, cl, figs / "scores_vs_dense.png").relative_to(out))
+        md.append(f"![scores vs the dense baseline]({figures['scores']})\n\n")
+
+    write_text(out / "report.md", "".join(md))
+    return {"report": str((out / "report.md").relative_to(run)), "figures": figures, "numbers": numbers}
+
+
+def _replan(cl: dict):
+    return next((p["decisions"].get("replan_every") for p in (cl.get("planners") or {}).values() if p.get("decisions")), None)
+
+
+def _first_answer(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            return json.loads(line)["answer"]
+        except (ValueError, KeyError):
+            continue
+    return None
+
+
+__all__ = ["build_report", "fmt", "table", "stage_coverage"]

@@ -1,0 +1,241 @@
+"""Router pretraining on the hierarchical skill dataset, and the routing metrics that show whether it worked.
+
+    ds, _ = build_skill_dataset(items, processor, taxonomy)                 # mose/skill_data.py
+    collate = SkillCollator(processor)
+    before = evaluate_routing(model, held_out, collate, taxonomy)
+    history = pretrain_router(model, ds, collate, steps=200, lr=1e-3, trainable="moe", random_state=0)
+    after = evaluate_routing(model, held_out, collate, taxonomy)
+    usage_heatmap(after, taxonomy, model.config.skill_groups, "usage.png")
+
+Training minimises the LM loss plus the model's routing losses (`out.loss`: balance + z-loss + the hierarchical
+skill loss, which pulls each labelled token's router mass into its fine skill's expert group and its coarse
+parent's group). `skill_loss=False` trains on the same batches without `skill_labels` (the baseline the
+benchmark compares the LM loss against).
+
+Routing accuracy (our definition; the paper reports none): over MoE layers and labelled tokens, the share whose
+top-1 expert lies in the expert group of the token's coarse skill (coarse) or of its own fine skill (fine;
+only tokens labelled with a non-root skill). Balance: the Switch/GShard E * sum_e f_e P_e per layer (1.0 =
+perfectly balanced) and the per-expert load. A plain torch loop: the DeepSpeed stage runner uses the same dataset,
+collator and metrics.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from mose.skill_data import IGNORE
+from mose.skills import Taxonomy, load_taxonomy
+
+TRAINABLE = ("router", "moe", "all")
+
+
+@dataclass
+class RoutingMetrics:
+    """Held-out routing quality of one model on one dataset."""
+
+    coarse_accuracy: float
+    fine_accuracy: float
+    coarse_tokens: int  # labelled token x MoE layer pairs counted
+    fine_tokens: int
+    per_layer: dict  # decoder layer -> {"coarse": acc, "fine": acc}
+    per_skill: dict  # skill -> accuracy of its tokens in its own group (top-1)
+    usage: np.ndarray  # (num_skills, E) share of each skill's top-k choices per expert, over layers
+    expert_load: np.ndarray  # (E,) share of all real tokens' choices per expert, mean over layers
+    balance: float  # mean over layers of E * sum f_e P_e (1.0 = balanced)
+    lm_loss: float  # token-weighted mean next-token loss
+    lm_tokens: int
+
+    def as_dict(self) -> dict:
+        return {
+            "coarse_accuracy": round(self.coarse_accuracy, 4), "fine_accuracy": round(self.fine_accuracy, 4),
+            "coarse_tokens": self.coarse_tokens, "fine_tokens": self.fine_tokens, "per_layer": self.per_layer,
+            "per_skill": {k: round(v, 4) for k, v in self.per_skill.items()}, "expert_load": [round(float(x), 4) for x in self.expert_load],
+            "balance": round(self.balance, 4), "lm_loss": round(self.lm_loss, 4), "lm_tokens": self.lm_tokens,
+        }
+
+
+def _groups(model, tax: Taxonomy) -> torch.Tensor:
+    """(num_skills, E) bool from the model's config, checked against the taxonomy's skill ids."""
+    names = list(model.config.skill_groups or {})
+    if names != tax.names:
+        raise ValueError(f"the model's config.skill_groups skills {names} are not the taxonomy's {tax.names} in id order; "
+                         "build the config with Taxonomy.config_kwargs(num_experts)")
+    g = torch.zeros(len(names), model.config.num_experts, dtype=torch.bool)
+    for i, experts in enumerate(model.config.skill_groups.values()):
+        g[i, list(experts)] = True
+    return g
+
+
+def _move(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_routing(model, dataset, collator, taxonomy: Taxonomy | None = None, *, batch_size: int = 8) -> RoutingMetrics:
+    """Routing accuracy (coarse / fine, per layer and per skill), per-skill usage, balance and LM loss."""
+    tax = load_taxonomy(taxonomy)
+    groups = _groups(model, tax)
+    coarse_of = torch.tensor([tax.id(tax.root_of(n)) for n in tax.names])
+    is_fine = torch.tensor([tax.parent(n) is not None for n in tax.names])
+    S, E = len(tax), model.config.num_experts
+    was_training = model.training
+    model.eval()
+    hits_c = hits_f = n_c = n_f = 0
+    layer_hits: dict[int, list[int]] = {}
+    skill_hits, skill_n = np.zeros(S), np.zeros(S)
+    usage = np.zeros((S, E))
+    load, balance, n_batches = np.zeros(E), 0.0, 0
+    lm_sum, lm_tokens = 0.0, 0
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
+    device = next(model.parameters()).device
+    for batch in loader:
+        batch = _move(batch, device)
+        skills = batch.pop("skill_labels")
+        out = model(**batch, output_routing_trace=True)
+        n_lab = int((batch["labels"][:, 1:] != IGNORE).sum())
+        if out.lm_loss is not None and n_lab:
+            lm_sum += float(out.lm_loss) * n_lab
+            lm_tokens += n_lab
+        load += out.router_stats["expert_load"].mean(0).cpu().numpy()
+        balance += float(out.router_stats["balance"].mean())
+        n_batches += 1
+        experts = out.routing_trace.experts.cpu()  # (L, B, T, k), k sorted by weight: [..., 0] is top-1
+        lab = skills.cpu()
+        valid = lab != IGNORE
+        if not valid.any():
+            continue
+        s = lab[valid]  # (V,)
+        for li, layer in enumerate(out.routing_trace.layers):
+            chosen = experts[li][valid]  # (V, k)
+            top1 = chosen[:, 0]
+            in_coarse = groups[coarse_of[s], top1]
+            in_fine = groups[s, top1]
+            fine = is_fine[s]
+            hits_c += int(in_coarse.sum())
+            n_c += len(s)
+            hits_f += int(in_fine[fine].sum())
+            n_f += int(fine.sum())
+            lh = layer_hits.setdefault(int(layer), [0, 0, 0, 0])
+            lh[0] += int(in_coarse.sum())
+            lh[1] += len(s)
+            lh[2] += int(in_fine[fine].sum())
+            lh[3] += int(fine.sum())
+            np.add.at(skill_hits, s.numpy(), in_fine.numpy().astype(float))
+            np.add.at(skill_n, s.numpy(), 1.0)
+            np.add.at(usage, (s[:, None].expand_as(chosen).reshape(-1).numpy(), chosen.reshape(-1).numpy()), 1.0)
+    model.train(was_training)
+    rows = usage.sum(1, keepdims=True)
+    return RoutingMetrics(
+        coarse_accuracy=hits_c / max(n_c, 1), fine_accuracy=hits_f / max(n_f, 1), coarse_tokens=n_c, fine_tokens=n_f,
+        per_layer={k: {"coarse": round(v[0] / max(v[1], 1), 4), "fine": round(v[2] / max(v[3], 1), 4)} for k, v in sorted(layer_hits.items())},
+        per_skill={tax.names[i]: float(skill_hits[i] / skill_n[i]) for i in range(S) if skill_n[i]},
+        usage=np.divide(usage, rows, out=np.zeros_like(usage), where=rows > 0),
+        expert_load=load / max(n_batches, 1), balance=balance / max(n_batches, 1),
+        lm_loss=lm_sum / max(lm_tokens, 1) if lm_tokens else float("nan"), lm_tokens=lm_tokens,
+    )
+
+
+def trainable_parameters(model, which: str = "moe") -> list[torch.nn.Parameter]:
+    """Set requires_grad: "router" (routers only), "moe" (routers + experts + shared experts) or "all"."""
+    if which not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}, got {which!r}")
+    for p in model.parameters():
+        p.requires_grad_(which == "all")
+    if which != "all":
+        for block in model.moe_blocks():
+            mods = [block.router] if which == "router" else [block]
+            for m in mods:
+                for p in m.parameters():
+                    p.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def pretrain_router(model, dataset, collator, *, steps: int, lr: float = 1e-3, batch_size: int = 4, trainable: str = "moe",
+                    skill_loss: bool = True, skill_loss_coef: float | None = None, sampler=None, weight_decay: float = 0.0,
+                    grad_clip: float | None = 1.0, random_state: int = 0, log_every: int = 10, progress: bool = True) -> list[dict]:
+    """Train for `steps` optimizer steps (AdamW); returns the log history (step, loss, lm_loss, aux_loss, skill stats).
+
+    `sampler`: e.g. a `SkillBalancedSampler` over `dataset`; default: shuffled epochs seeded by `random_state`.
+    `skill_loss_coef` overrides `model.config.skill_loss_coef` for this run (restored afterwards).
+    """
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(random_state)
+    params = trainable_parameters(model, trainable)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(random_state)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler or RandomSampler(dataset, generator=g),
+                        collate_fn=collator, drop_last=False)
+    old_coef = model.config.skill_loss_coef
+    if skill_loss_coef is not None:
+        model.config.skill_loss_coef = float(skill_loss_coef)
+    device = next(model.parameters()).device
+    model.train()
+    history, step, t0 = [], 0, time.perf_counter()
+    bar = tqdm(total=steps, desc="router pretraining", disable=not progress)
+    try:
+        while step < steps:
+            for batch in loader:
+                batch = _move(batch, device)
+                skills = batch.pop("skill_labels")
+                out = model(**batch, skill_labels=skills if skill_loss else None)
+                if not torch.isfinite(out.loss):
+                    raise FloatingPointError(f"router pretraining: non-finite loss {float(out.loss)} at step {step}")
+                opt.zero_grad(set_to_none=True)
+                out.loss.backward()
+                if grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                opt.step()
+                step += 1
+                bar.update(1)
+                if step % log_every == 0 or step == steps:
+                    rec = {"step": step, "loss": out.loss.item(), "lm_loss": out.lm_loss.item(), "aux_loss": out.aux_loss.item(),
+                           "balance": float(out.router_stats["balance"].mean()), "seconds": round(time.perf_counter() - t0, 2)}
+                    if "skill_loss" in out.router_stats:
+                        rec["skill_loss"] = float(out.router_stats["skill_loss"].mean())
+                        rec["skill_topk_accuracy"] = float(out.router_stats["skill_accuracy"].mean())
+                    history.append(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}")
+                if step >= steps:
+                    break
+    finally:
+        bar.close()
+        model.config.skill_loss_coef = old_coef
+    return history
+
+
+def usage_heatmap(metrics: RoutingMetrics, taxonomy: Taxonomy | None, skill_groups: dict, path, title: str | None = None):
+    """PNG: skills (rows, those with tokens) x experts, cell = share of the skill's choices; its group outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    tax = load_taxonomy(taxonomy)
+    rows = [i for i in range(len(tax)) if metrics.usage[i].sum() > 0]
+    data = metrics.usage[rows]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * data.shape[1], 0.9 + 0.33 * len(rows)))
+    im = ax.imshow(data, aspect="auto", cmap="magma", vmin=0, vmax=1)
+    names = [tax.names[i] for i in rows]
+    ax.set_yticks(range(len(rows)), [("· " * tax.depth(n)) + n for n in names])
+    ax.set_xticks(range(data.shape[1]), [str(e) for e in range(data.shape[1])])
+    ax.set_xlabel("expert")
+    for r, n in enumerate(names):
+        for e in skill_groups[n]:
+            ax.add_patch(Rectangle((e - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=1.2))
+    fig.colorbar(im, ax=ax, label="share of the skill's choices")
+    ax.set_title(title or f"expert usage per skill (coarse acc {metrics.coarse_accuracy:.2f}, fine {metrics.fine_accuracy:.2f})", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")  # temp + rename (mose/ does not import datasets_cfg.atomic)
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,305 @@
+"""`mose demo` end to end at the hidden test scale (in-process, offline), and its parts.
+
+One run of the whole pipeline per session (module fixture); re-run, changed-config and failure behaviour run on
+copies of that run folder so each test sees the same starting point."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from eval.demo import STEP_NAMES, STEPS, load_demo_config, read_marker, step_hash
+
+PACKAGED = Path(__file__).resolve().parents[1] / "datasets_cfg" / "demo.yaml"
+
+
+def run_cli(out: Path, *extra: str) -> tuple[int, str, str]:
+    from mose.cli import main
+
+    so, se = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
+        code = main(["demo", "--out", str(out), "--scale", "test", "--no-progress", *extra])
+    return code, so.getvalue(), se.getvalue()
+
+
+def config_with(tmp: Path, changes: dict) -> Path:
+    """The packaged demo.yaml with `changes` (dotted keys) applied to the test scale."""
+    raw = yaml.safe_load(PACKAGED.read_text())
+    for key, value in changes.items():
+        node = raw["scales"]["test"]
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    p = tmp / "demo.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def markers(out: Path) -> dict:
+    return {s: (read_marker(out / s), (out / s / ".done.json").stat().st_mtime_ns) for s in STEP_NAMES}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices on a shared 2-core machine
+    out = tmp_path_factory.mktemp("demo") / "run"
+    code, stdout, stderr = run_cli(out)
+    torch.set_num_threads(n)
+    assert code == 0, stderr[-3000:]
+    return out, stdout
+
+
+def copy_run(demo, tmp_path) -> Path:
+    out, _ = demo
+    dst = tmp_path / "run"
+    shutil.copytree(out, dst, symlinks=True)
+    return dst
+
+
+# ----------------------------------------------------------------------------------------------
+# the first run
+
+
+def test_progress_headers_and_final_line(demo):
+    out, stdout = demo
+    lines = stdout.splitlines()
+    for i, name in enumerate(STEP_NAMES, 1):
+        assert any(l.startswith(f"[{i}/{len(STEPS)}] {name}: ") and "not run yet" in l for l in lines), name
+        assert any(l.startswith(f"[{i}/{len(STEPS)}] {name}: done in ") for l in lines), name
+    assert lines[-1] == f"report: {out.resolve() / 'report' / 'report.md'}"
+
+
+def _table_row(md: str, first_cell: str, header_has: str) -> dict:
+    """The row starting with `first_cell` of the first table whose header contains `header_has`, as {header: cell}."""
+    blocks = re.split(r"\n\s*\n", md)
+    for b in blocks:
+        lines = [l for l in b.strip().splitlines() if l.startswith("|")]
+        if len(lines) < 3 or header_has not in lines[0]:
+            continue
+        head = [c.strip() for c in lines[0].strip("|").split("|")]
+        for l in lines[2:]:
+            cells = [c.strip() for c in l.strip("|").split("|")]
+            if cells[0] == first_cell:
+                return dict(zip(head, cells))
+    raise AssertionError(f"no row {first_cell!r} in a table with {header_has!r}")
+
+
+def _csv_scores(path: Path) -> tuple[list[dict], dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return rows[:-1], rows[-1]
+
+
+def test_report_numbers_come_from_the_step_outputs(demo):
+    out, _ = demo
+    md = (out / "report" / "report.md").read_text()
+    results = json.loads((out / "evaluate" / "results.json").read_text())
+    heldout = json.loads((out / "simulate" / "summary.json").read_text())["heldout"]["num_scenes"]
+    for model, label in (("mose", "MoSE"), ("dense", "dense baseline")):
+        row = _table_row(md, label, "EPDMS (invalid = 0)")
+        plan = results["models"][model]["planning"]
+        per_scene, avg = _csv_scores(out / "evaluate" / "planning" / model / "epdms_scores.csv")
+        # the report cell = the JSON value = the mean of the per-scene CSV scores with invalid rows as 0 (recomputed)
+        recomputed = float(np.mean([float(r["score"]) if r["valid"] == "True" else 0.0 for r in per_scene]))
+        assert float(row["EPDMS (invalid = 0)"]) == pytest.approx(plan["mean_score"], abs=5e-5)
+        assert plan["mean_score"] == pytest.approx(recomputed, abs=1e-12)
+        assert float(avg["score"]) == pytest.approx(recomputed, abs=1e-12)
+        # nothing dropped: one row per held-out scene, every invalid one with its reason
+        assert len(per_scene) == heldout == int(row["scenes"])
+        invalid = [r for r in per_scene if r["valid"] != "True"]
+        assert int(row["invalid"]) == len(invalid) == plan["invalid"]
+        assert all(r["reason"] for r in invalid)
+        answers = [json.loads(l) for l in (out / "evaluate" / "planning" / model / "answers.jsonl").read_text().splitlines()]
+        assert sorted(a["question_id"] for a in answers) == sorted(r["token"] for r in per_scene)
+    # a reference agent's EPDMS too (the logged human future: valid on every scene)
+    row = _table_row(md, "human (logged future)", "EPDMS (invalid = 0)")
+    per_scene, _ = _csv_scores(out / "evaluate" / "planning" / "ref_human_scores.csv")
+    assert float(row["EPDMS over valid"]) == pytest.approx(np.mean([float(r["score"]) for r in per_scene if r["valid"] == "True"]), abs=5e-5)
+    # wall time per step = the markers
+    for s in STEP_NAMES[:-1]:
+        assert float(_table_row(md, s, "seconds")["seconds"]) == pytest.approx(read_marker(out / s)["seconds"], abs=0.051)
+    # MOSAIC allocation: the table's cells are the manifest header's allocation and add up to the stage budget
+    header = json.loads((out / "curate" / "skill_tune.header.json").read_text())
+    alloc = next(iter(header["state"]["method_state"].values()))["allocation"]
+    for dom, n in alloc.items():
+        assert int(_table_row(md, dom, "allocated")["allocated"]) == n
+    assert sum(alloc.values()) == header["budget"]
+    # training steps as configured
+    cfg = load_demo_config(None, "test")
+    for st, keys in cfg["train"]["stages"].items():
+        rows = [l for l in md.splitlines() if l.startswith(f"| MoSE | {st} |")]
+        assert rows and int(rows[0].split("|")[3]) == keys["max_steps"]
+
+
+def test_report_figures_are_readable_pngs(demo):
+    from PIL import Image
+
+    out, _ = demo
+    md = (out / "report" / "report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    names = {Path(l).name for l in links}
+    assert {"skill_coverage.png", "mosaic_fits.png", "mosaic_allocation.png", "routing_heatmap.png", "training_loss.png",
+            "scores_vs_dense.png"} <= names
+    for link in links:
+        path = out / "report" / link
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.width >= 200 and im.height >= 150
+            px = np.asarray(im.convert("L"), dtype=float)
+        assert px.std() > 1.0, f"{link} is blank"
+
+
+def test_held_out_logs_are_disjoint_and_dense_is_dense(demo):
+    from datasets_cfg.schema import ScenePool
+    from mose.config import MoSEConfig
+
+    out, _ = demo
+    logs = {n: {json.loads(m)["log_name"] for m in ScenePool.load(out / "skills" / n).column("meta")} for n in ("train", "heldout")}
+    assert logs["train"] and logs["heldout"] and not logs["train"] & logs["heldout"]
+    dense = MoSEConfig.from_pretrained(str(out / "train_dense" / "skill_tune" / "final"))
+    mose = MoSEConfig.from_pretrained(str(out / "train" / "skill_tune" / "final"))
+    assert (dense.num_experts, dense.num_experts_per_tok) == (1, 1) and mose.num_experts == 4
+    # same data: both trained on the same manifests (scenes per stage)
+    a, b = (json.loads((out / s / "summary.json").read_text())["stages"] for s in ("train", "train_dense"))
+    assert {k: (v["scenes"], v["items"], v["steps"]) for k, v in a.items()} == {k: (v["scenes"], v["items"], v["steps"]) for k, v in b.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# re-runs
+
+
+def test_rerun_reuses_every_step(demo, tmp_path):
+    out = copy_run(demo, tmp_path)
+    before = markers(out)
+    code, stdout, _ = run_cli(out)
+    assert code == 0
+    for i, name in enumerate(STEP_NAMES, 1):
+        assert f"[{i}/{len(STEPS)}] {name}: reused" in stdout
+    assert markers(out) == before
+
+
+def test_changed_config_reruns_from_the_changed_step(demo, tmp_path):
+    out = copy_run(demo, tmp_path)
+    before = markers(out)
+    cfg = config_with(tmp_path, {"closed_loop.duration_s": 2.0})
+    code, stdout, stderr = run_cli(out, "--config", str(cfg))
+    assert code == 0, stderr[-2000:]
+    after = markers(out)
+    changed = [s for s in STEP_NAMES if after[s] != before[s]]
+    assert changed == ["closed_loop", "report"]
+    assert "closed_loop: closed-loop rollouts in highway-env (configuration or inputs changed)" in stdout
+    res = json.loads((out / "closed_loop" / "results.json").read_text())
+    assert res["duration_s"] == 2.0
+    assert "2.0 s per planner" in (out / "report" / "report.md").read_text()
+
+
+def test_failed_step_keeps_previous_outputs_and_says_why(demo, tmp_path):
+    out = copy_run(demo, tmp_path)
+    before = markers(out)
+    manifest = (out / "curate" / "skill_tune.jsonl").read_bytes()
+    cfg = config_with(tmp_path, {"curate.stages.skill_tune.budget": 100000})
+    code, stdout, stderr = run_cli(out, "--config", str(cfg))
+    assert code == 1
+    assert "step 3/8 'curate' failed" in stderr and "budget" in stderr and "100000" in stderr
+    assert "[4/8]" not in stdout
+    assert markers(out) == before  # every finished step (the failed one's previous version too) is untouched
+    assert (out / "curate" / "skill_tune.jsonl").read_bytes() == manifest
+    assert not list(out.glob(".*previous*"))
+    code, stdout, _ = run_cli(out)  # the old settings again: nothing to redo
+    assert code == 0 and stdout.count(": reused") == len(STEPS)
+
+
+# ----------------------------------------------------------------------------------------------
+# parts
+
+
+def test_step_hash_covers_config_and_upstream():
+    cfg = load_demo_config(None, "test")
+    hashes = {}
+    for st in STEPS:
+        hashes[st.name] = step_hash(st, cfg, hashes)
+    changed = json.loads(json.dumps(cfg))
+    changed["curate"]["stages"]["align"]["budget"] += 1
+    new = {}
+    for st in STEPS:
+        new[st.name] = step_hash(st, changed, new)
+    assert [s for s in STEP_NAMES if new[s] != hashes[s]] == ["curate", "train", "train_dense", "evaluate", "closed_loop", "report"]
+
+
+def test_config_errors_name_file_and_key(tmp_path):
+    with pytest.raises(ValueError, match=r"demo\.yaml: scales\.huge: no such scale"):
+        load_demo_config(None, "huge")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"defaults": {"seed": 0}, "scales": {"tiny": {}, "test": {}}}))
+    with pytest.raises(ValueError, match=r"bad\.yaml: defaults\.simulate: section missing"):
+        load_demo_config(bad, "tiny")
+    code, _, stderr = run_cli(tmp_path / "x", "--config", str(bad))
+    assert code == 2 and "defaults.simulate" in stderr
+
+
+def test_answer_to_poses_reads_the_planning_segment():
+    from eval.demo_planner import answer_to_poses, headings_from_xy
+    from mose.skill_format import Segment, format_trajectory, render_target
+
+    xy = np.array([[2.0, 0.0], [4.0, 0.0], [6.0, 1.0], [8.0, 2.0], [10.0, 2.0], [12.0, 2.0], [14.0, 2.0], [16.0, 2.0]])
+    text, _ = render_target([Segment("vehicles", "1 vehicle ahead."), Segment("agent_intent", "It keeps its speed."),
+                             Segment("longitudinal_control", "Keep 4 m/s."), Segment("trajectory", format_trajectory(xy))])
+    poses, info = answer_to_poses(text)
+    assert info["format_ok"] and info["trajectory_points"] == 8
+    np.testing.assert_allclose(poses[:, :2], xy)
+    # heading of each step's direction, by hand: 0, 0, atan2(1, 2), atan2(1, 2), 0, ...
+    expect = [0.0, 0.0, math.atan2(1, 2), math.atan2(1, 2), 0.0, 0.0, 0.0, 0.0]
+    np.testing.assert_allclose(poses[:, 2], expect, atol=1e-12)
+    np.testing.assert_allclose(headings_from_xy([[0.0, 0.01], [0.0, 3.0]]), [0.0, math.pi / 2])  # a tiny step keeps the heading
+    # truncated or missing trajectories: no poses, a reason
+    poses, info = answer_to_poses(text.split("[trajectory]")[0] + "[trajectory] [(2.00, 0.00), (4.00")
+    assert poses is None and info["reason"].startswith("unparseable model output") and info["trajectory_points"] == 1
+    poses, info = answer_to_poses("........")
+    assert poses is None and "no trajectory" in info["reason"]
+
+
+def test_topdown_drawing_places_ego_and_agents():
+    from datasets_cfg.schema import Scene, new_row
+    from eval.demo_planner import EGO, OTHER, ROAD, VIEW_METERS, draw_topdown
+
+    ego = {"t": [0.0], "x": [100.0], "y": [50.0], "heading": [0.0], "speed": [5.0], "accel": [0.0], "accel_lat": [0.0], "yaw_rate": [0.0]}
+    agents = {"frame": [0], "track_id": ["a"], "category": ["vehicle"], "x": [100.0 + 1.461 + 20.0], "y": [50.0 + 10.0], "heading": [0.0],
+              "length": [5.0], "width": [2.0], "height": [1.5], "vx": [0.0], "vy": [0.0]}
+    im = np.asarray(draw_topdown(Scene(new_row("s", "sim", "t", ego=ego, agents=agents, meta=json.dumps({"ego_size": {"length": 5.0, "width": 2.0, "rear_axle_to_center": 1.461}}))), 150))
+    ppm = 150 / VIEW_METERS  # 2 px per metre
+    assert tuple(im[75, 75]) == EGO
+    # 20 m ahead (+x: right), 10 m to the left (+y: up in the image)
+    assert tuple(im[int(75 - 10 * ppm), int(75 + 20 * ppm)]) == OTHER
+    assert tuple(im[5, 5]) == ROAD
+
+
+def test_model_planner_follows_its_last_plan_between_replans():
+    from datasets_cfg.schema import Scene, new_row
+    from eval.demo_planner import ModelPlanner
+
+    def obs(x, t):
+        ego = {"t": [0.0], "x": [x], "y": [0.0], "heading": [0.0], "speed": [4.0], "accel": [0.0], "accel_lat": [0.0], "yaw_rate": [0.0]}
+        return Scene(new_row(f"s{t}", "sim", "t", ego=ego, meta=json.dumps({"log_name": "ep", "timestamp_s": t})))
+
+    planner = ModelPlanner("unused", replan_every=2)  # no model call happens within a replanning period
+    plan = np.column_stack([2.0 * np.arange(1, 9), np.zeros(8), np.zeros(8)])  # 2 m per 0.5 s straight ahead
+    planner._last = ("ep", 0.0, np.array([0.0, 0.0, 0.0]), plan, "")
+    poses = planner(obs(2.0, 0.5))  # one step later the ego is at x = 2: the rest of the plan, then the last step again
+    np.testing.assert_allclose(poses[:, 0], 2.0 * np.arange(1, 9))
+    np.testing.assert_allclose(poses[:, 1:], 0.0, atol=1e-12)
+    planner._last = ("ep", 0.0, np.array([0.0, 0.0, 0.0]), None, "unparseable model output: no trajectory")
+    with pytest.raises(ValueError, match="unparseable"):
+        planner(obs(2.0, 0.5))
+    assert [d["followed_last_plan"] for d in planner.decisions_] == [True, True]

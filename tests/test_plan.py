@@ -1,0 +1,215 @@
+"""The per-stage data plan (curation/plan.py, curation/plan_cli.py): bad plans fail early and clearly; a plan
+end to end writes manifests that respect budget, ratio and skill minimums, plus the coverage report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from curation.plan import PlanError, load_plan, run_plan
+from curation.plan_cli import main as plan_main
+from curation.selection import Selection
+from datasets_cfg.schema import ScenePool
+from mose.skills import load_taxonomy
+from tests.semantic_autoscale_fixtures import mixed_rows, scene
+
+DEMO = Path(__file__).resolve().parents[1] / "datasets_cfg" / "stages" / "demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def pool_dir(tmp_path_factory):
+    """40 scenes (20 real, 20 synthetic; highway / merge) with skills, plus 4 rows without skills (fallback) and
+    3 rare 'traffic_cones' scenes."""
+    rows = mixed_rows(40)
+    rows += [scene(f"bare{i}", agents=[("c", 20.0, 0.0, 5.0, 0.0)], source=["real", "synthetic"][i % 2]) for i in range(4)]
+    rows += [scene(f"cone{i}", source="real", location="merge", skills=["traffic_cones"]) for i in range(3)]
+    out = tmp_path_factory.mktemp("planpool") / "pool"
+    ScenePool.from_rows(rows).save(out)
+    return out
+
+
+def write_plan(tmp_path: Path, pool_dir: Path, stages: dict, **top) -> Path:
+    p = tmp_path / "plan.yaml"
+    p.write_text(yaml.safe_dump({"name": "t", "seed": 0, "pools": {"sim": {"path": str(pool_dir)}}, "stages": stages, **top}))
+    return p
+
+
+GOOD = {
+    "align": {"pools": ["sim"], "method": "random", "budget": 12, "real_fraction": 0.5,
+              "skills": {"min": {"interaction_risk": 6, "traffic_cones": 3}}},
+    "router_pretrain": {"pools": ["sim"], "method": "coreset", "budget": 10, "ratio": "1:1", "exclude_stages": ["align"],
+                        "skills": {"min": {"lateral_control": 5}, "target": {"interaction_risk": 0.5}}},
+    "skill_tune": {"pools": ["sim"], "method": "semantic", "params": {"epochs": 2, "mc_samples": 3}, "budget": 8,
+                   "real_fraction": 0.5, "filter": {"location": ["highway", "merge"]}},
+}
+
+
+def skills_with_parents(pool: ScenePool) -> dict:
+    from datasets_cfg.skill_annotation import scene_skills
+
+    tax = load_taxonomy()
+    out = {}
+    for s in pool:
+        names = list(s["skills"]) or scene_skills(s.row, tax)
+        full = set()
+        for n in names:
+            while n is not None:
+                full.add(n)
+                n = tax.parent(n)
+        out[s.id] = full
+    return out
+
+
+def test_plan_end_to_end(pool_dir, tmp_path):
+    plan = load_plan(write_plan(tmp_path, pool_dir, GOOD))
+    res = run_plan(plan, tmp_path / "out")
+    pool = ScenePool.load(pool_dir)
+    src = dict(zip(pool.ids, pool.column("source")))
+    sk = skills_with_parents(pool)
+    for name, cfg in GOOD.items():
+        sel = Selection.read(res.manifests[name])
+        assert len(sel) == cfg["budget"] == len(set(sel.ids))
+        n_real = sum(src[i] == "real" for i in sel.ids)
+        frac = cfg.get("real_fraction", 0.5)
+        assert n_real == round(frac * cfg["budget"]) and sel.state["ratio"] == f"{n_real}:{cfg['budget'] - n_real}"
+        for skill, m in cfg.get("skills", {}).get("min", {}).items():
+            assert sum(skill in sk[i] for i in sel.ids) >= m, (name, skill)
+            assert sel.state["skills"]["min"][skill]["selected"] >= m
+        assert sel.method == cfg["method"] and sel.state["plan"]["stage"] == name
+    align = Selection.read(res.manifests["align"])
+    assert {f"cone{i}" for i in range(3)} <= set(align.ids)  # all three rare scenes were needed
+    swapped = [r for r, g in zip(align.reasons, align.extra["group"]) if g == "skill_repair"]
+    assert len(swapped) == len(align.state["skill_swaps"]) > 0 and all("swapped in for skill" in r for r in swapped)
+    assert not set(align.ids) & set(Selection.read(res.manifests["router_pretrain"]).ids)  # exclude_stages
+    rp = Selection.read(res.manifests["router_pretrain"])
+    assert sum("interaction_risk" in sk[i] for i in rp.ids) >= 5  # soft target 0.5 * 10 met (the pool has enough)
+    assert any(f["what"] == "skills_fallback" for f in align.fallbacks)  # the four rows without skills
+    # coverage: CSV rows add up to the manifests, markdown and PNG exist
+    lines = res.coverage_csv.read_text().splitlines()
+    assert lines[0] == "stage,skill,source,environment,selected,available"
+    rows = [dict(zip(lines[0].split(","), ln.split(","))) for ln in lines[1:]]
+    for name in GOOD:
+        sel = Selection.read(res.manifests[name])
+        for skill in ("vehicles", "interaction_risk", "traffic_cones"):
+            got = sum(int(r["selected"]) for r in rows if r["stage"] == name and r["skill"] == skill)
+            assert got == sum(skill in sk[i] for i in sel.ids), (name, skill)
+    assert "## align" in res.coverage_md.read_text() and res.coverage_png.stat().st_size > 2000
+    summary = json.loads(res.summary.read_text())
+    assert set(summary["stages"]) == set(GOOD) and summary["stages"]["align"]["ratio"] == "6:6"
+
+
+def test_autoscale_stage_with_fake_feedback(pool_dir, tmp_path):
+    stages = {"skill_tune": {"pools": ["sim"], "method": "autoscale", "budget": 12,
+                             "params": {"n_clusters": 2, "rae_epochs": 2, "max_rounds": 3, "step_size": 1.0},
+                             "feedback": {"factory": "tests.semantic_autoscale_fixtures:FakeRatioFeedback", "target": 0.0},
+                             "skills": {"min": {"traffic_cones": 2}}}}
+    from curation.plan_cli import feedback_factory
+
+    res = run_plan(load_plan(write_plan(tmp_path, pool_dir, stages)), tmp_path / "out", feedback_factory=feedback_factory)
+    sel = res.selections["skill_tune"]
+    assert len(sel) == 12 and sum(i.startswith("cone") for i in sel.ids) >= 2
+    st = sel.state["method_state"]["all"]
+    assert st["rounds"][0]["ratio"] and st["best_score"] >= st["initial_score"]
+    assert (tmp_path / "out" / "skill_tune_report" / "autoscale_rounds.png").is_file()
+
+
+def stage(**kw):
+    base = {"pools": ["sim"], "method": "random", "budget": 10}
+    base.update(kw)
+    return base
+
+
+BAD = [
+    ({"pretrain": stage()}, "stages.pretrain: unknown stage 'pretrain'"),
+    ({"align": stage(method="magic")}, "stages.align.method: unknown method 'magic'"),
+    ({"align": stage(pools=["nuscenes"])}, r"stages.align.pools: unknown pool\(s\) \['nuscenes'\]"),
+    ({"align": stage(budget=0)}, "stages.align.budget: expected a positive integer"),
+    ({"align": stage(budget=5, skills={"min": {"vehicles": 6}})}, r"stages.align.skills.min.vehicles: minimum 6 exceeds the stage budget 5"),
+    ({"align": stage(budget=4, skills={"min": {"traffic_cones": 3, "interaction_risk": 2}})},
+     r"stages.align.skills.min.interaction_risk: the skill minimums need more than the budget of 4"),
+    ({"align": stage(skills={"min": {"traffic_cones": 4}})}, r"stages.align.skills.min.traffic_cones: minimum 4 scenes .* cannot be met: the stage pool has 3"),
+    ({"align": stage(budget=12, real_fraction=0.75, skills={"min": {"interaction_risk": 6}})},  # only 5 fit the quotas
+     r"stages.align.skills.min.interaction_risk: minimum 6 .* cannot be met: .* within the real/synthetic quotas"),
+    ({"align": stage(skills={"min": {"flying": 1}})}, "stages.align.skills.min.flying: unknown skill 'flying'"),
+    ({"align": stage(skills={"target": {"vehicles": 1.5}})}, r"stages.align.skills.target.vehicles: expected a fraction of the budget in \[0, 1\]"),
+    ({"align": stage(real_fraction=1.5)}, r"stages.align.real_fraction: expected a number in \[0, 1\]"),
+    ({"align": stage(real_fraction=-0.1)}, r"stages.align.real_fraction: expected a number in \[0, 1\]"),
+    ({"align": stage(ratio="3:x")}, "stages.align.ratio: expected 'REAL:SYNTHETIC'"),
+    ({"align": stage(ratio="0:0")}, "stages.align.ratio: expected two non-negative numbers"),
+    ({"align": stage(real_fraction=1.0, budget=30)}, r"stages.align.real_fraction: 1 of 30 needs 30 real scenes but the stage pool has 25"),
+    ({"align": stage(real_fraction=0.5, ratio="1:1")}, "give either 'real_fraction' or 'ratio'"),
+    ({"align": stage(method="autoscale", real_fraction=0.5)}, "method 'autoscale' sets the real:synthetic ratio itself"),
+    ({"align": stage(method="coreset", params={"depth": 3})}, r"stages.align.params: unknown parameter\(s\) \['depth'\] for method 'coreset'"),
+    ({"align": stage(budget=100)}, "stages.align.budget: 100 scenes requested but the stage pool has 47"),
+    ({"align": stage(method="uncertainty")}, "stages.align.scores: method 'uncertainty' needs a per-scene scores file"),
+    ({"align": stage(), "router_pretrain": stage(exclude_stages=["skill_tune"])}, "stages.router_pretrain.exclude_stages: 'skill_tune' is not a stage listed before"),
+    ({"align": stage(budget=30), "router_pretrain": stage(budget=30, exclude_stages=["align"])},
+     "stages.router_pretrain.exclude_stages: after excluding up to 30 scenes"),
+    ({"align": stage(filter={"colour": "red"})}, "stages.align.filter: no column 'colour'"),
+    ({"align": stage(method="autoscale")}, "stages.align.feedback: method 'autoscale' needs closed-loop feedback"),
+]
+
+
+@pytest.mark.parametrize("stages, match", BAD, ids=[m[:40] for _, m in BAD])
+def test_bad_plans_fail_before_any_selection(pool_dir, tmp_path, stages, match, monkeypatch):
+    import curation.plan as plan_mod
+
+    def no_selection(*a, **k):  # a spy: selection must never start for a bad plan
+        raise AssertionError("selection ran for an invalid plan")
+
+    monkeypatch.setattr(plan_mod, "_method_picks", no_selection)
+    path = write_plan(tmp_path, pool_dir, stages)
+    with pytest.raises(PlanError, match=match) as info:
+        run_plan(load_plan(path), tmp_path / "out")
+    assert str(path) in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_plan_files(tmp_path, pool_dir):
+    with pytest.raises(FileNotFoundError):
+        load_plan(tmp_path / "none.yaml")
+    p = tmp_path / "x.yaml"
+    p.write_text("stages: [1, 2")
+    with pytest.raises(PlanError, match="not valid YAML"):
+        load_plan(p)
+    p.write_text(yaml.safe_dump({"pools": {"sim": str(pool_dir)}, "stages": {"align": stage()}, "extra": 1}))
+    with pytest.raises(PlanError, match=r"unknown top-level key\(s\) \['extra'\]"):
+        load_plan(p)
+    p.write_text(yaml.safe_dump({"pools": {"sim": str(tmp_path / "missing")}, "stages": {"align": stage()}}))
+    with pytest.raises(PlanError, match="pools.sim.path: .*not a ScenePool directory"):
+        run_plan(load_plan(p), tmp_path / "out")
+    with pytest.raises(PlanError, match=r"--pool names \['other'\]"):
+        load_plan(p, {"other": str(pool_dir)})
+
+
+def test_demo_plan_loads_and_cli(pool_dir, tmp_path, capsys):
+    plan = load_plan(DEMO, {"sim": str(pool_dir)})
+    assert [s.name for s in plan.stages] == ["align", "router_pretrain", "skill_tune"]
+    assert {s.method for s in plan.stages} == {"random", "coreset", "semantic"}
+    small = write_plan(tmp_path, pool_dir, {"align": GOOD["align"]})
+    assert plan_main(["--plan", str(small), "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "align: random selected 12 scenes (real:synthetic 6:6)" in out
+    assert Selection.read(tmp_path / "cli" / "align.jsonl").budget == 12
+    bad = write_plan(tmp_path, pool_dir, {"align": stage(real_fraction=2)})
+    assert plan_main(["--plan", str(bad), "--out", str(tmp_path / "cli2"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "stages.align.real_fraction" in err and str(bad) in err
+    assert plan_main(["--plan", str(small), "--out", str(tmp_path / "cli3"), "--plan-pool", "bad"]) == 2
+    assert "expected NAME=DIR" in capsys.readouterr().err
+
+
+def test_mose_curate_plan(pool_dir, tmp_path, capsys):
+    from mose.cli import main
+
+    small = write_plan(tmp_path, pool_dir, {"align": GOOD["align"]})
+    other = tmp_path / "elsewhere.yaml"
+    other.write_text(small.read_text().replace(str(pool_dir), "/nonexistent/pool"))
+    code = main(["curate", "--plan", str(other), "--plan-pool", f"sim={pool_dir}", "--out", str(tmp_path / "m"), "--seed", "3", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    sel = Selection.read(tmp_path / "m" / "align.jsonl")
+    assert len(sel) == 12 and sel.seed == 3
+    assert main(["curate", "--plan", str(other), "--out", str(tmp_path / "m2")]) == 2
+    assert "pools.sim.path" in capsys.readouterr().err

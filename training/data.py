@@ -1,0 +1,155 @@
+"""Each stage's data: its curation manifest -> the pool's scenes -> skill-dataset items -> tokenised dataset.
+
+    manifest (<data.manifests>/<stage>.jsonl, curation.selection.Selection)
+      -> pool.select_ids(ids)                          datasets_cfg/schema.py
+      -> pool_items(..., kinds)                        datasets_cfg/skill_items.py (hierarchical / single QA items)
+      -> keep items whose skills lie under `roots`, single items of `tasks`
+      -> build_skill_dataset(items, processor)         mose/skill_data.py (labels, per-token skill labels)
+
+Every check runs for every stage before any training starts (`prepare_stage_data`): a missing or corrupt manifest, a
+manifest naming ids that are not in the pool, a manifest with no rows, a stage left with no item: `ConfigError`
+naming the config file, the key and the reason.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Sampler
+
+from training.config import ConfigError, StageConfig, TrainConfig
+
+
+@dataclass
+class StageData:
+    stage: str
+    manifest: Path
+    scene_ids: list[str]
+    dataset: object  # datasets.Dataset from build_skill_dataset
+    report: dict = field(default_factory=dict)  # what was kept and skipped, per step of the way
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def read_manifest(cfg: TrainConfig, stage: str, pool_ids: set[str], pool_path: str) -> tuple[Path, list[str]]:
+    """The stage manifest's ids, checked against the pool."""
+    from curation.selection import Selection, SelectionError
+
+    key = f"stages.{stage}.manifest" if cfg.stages[stage].manifest else "data.manifests"
+    path = cfg.manifest_path(stage)
+    try:
+        sel = Selection.read(path)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{cfg.source}: {key}: manifest of stage {stage!r} not found: {exc} "
+                          f"(make it with `mose curate --plan PLAN.yaml --out DIR`)") from None
+    except (SelectionError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{cfg.source}: {key}: manifest of stage {stage!r} is not a valid selection manifest: {exc}") from None
+    if not sel.ids:
+        raise ConfigError(f"{cfg.source}: {key}: manifest {path} of stage {stage!r} selects no scene (empty stage)")
+    missing = [i for i in sel.ids if i not in pool_ids]
+    if missing:
+        raise ConfigError(f"{cfg.source}: {key}: manifest {path} names {len(missing)} scene id(s) not in the pool "
+                          f"{pool_path} (data.pool), e.g. {missing[:5]}; was it made from another pool?")
+    return path, list(sel.ids)
+
+
+def stage_items(pool, ids: list[str], st: StageConfig, taxonomy, max_images: int):
+    """Skill-dataset items of the stage's scenes, filtered by the stage's kinds / roots / tasks. -> (Dataset, report)."""
+    from datasets_cfg.skill_items import pool_items
+
+    items, rep = pool_items(pool.select_ids(ids), taxonomy, max_images=max_images, kinds=tuple(st.items.kinds))
+    report = {"items_built": len(items), "items": rep.as_dict()}
+    roots, tasks = st.items.roots, st.items.tasks
+    if roots is not None or tasks is not None:
+        allowed = set(roots or [])
+
+        def keep(item) -> bool:
+            if roots is not None and not all(taxonomy.root_of(s) in allowed for s in item["skills"]):
+                return False
+            return tasks is None or item["kind"] != "single" or item["task"] in tasks
+
+        before = Counter(f"{k}/{t}" for k, t in zip(items["kind"], items["task"]))
+        items = items.filter(keep, desc=f"{st.name}: items by roots / tasks")
+        after = Counter(f"{k}/{t}" for k, t in zip(items["kind"], items["task"]))
+        report["filtered_out"] = {k: before[k] - after.get(k, 0) for k in before if before[k] - after.get(k, 0)}
+    return items, report
+
+
+def collect_stage_items(cfg: TrainConfig, taxonomy) -> dict[str, StageData]:
+    """Read and check every configured stage's manifest and build its (untokenised) items. Raises ConfigError."""
+    from datasets_cfg.schema import SchemaError, ScenePool
+
+    try:
+        pool = ScenePool.load(cfg.data.pool)
+    except (FileNotFoundError, SchemaError) as exc:
+        raise ConfigError(f"{cfg.source}: data.pool: {exc}") from None
+    pool_ids = set(pool.ids)
+    out: dict[str, StageData] = {}
+    for stage in cfg.stage_names():
+        st = cfg.stages[stage]
+        path, ids = read_manifest(cfg, stage, pool_ids, cfg.data.pool)
+        items, report = stage_items(pool, ids, st, taxonomy, cfg.data.max_images)
+        report["scenes"] = len(ids)
+        if len(items) == 0:
+            _empty(cfg, stage, path, report)
+        out[stage] = StageData(stage, path, ids, items, report)
+    return out
+
+
+def tokenise_stages(cfg: TrainConfig, stages: dict[str, StageData], processor, taxonomy, *, cache_dir: str | Path | None = None) -> None:
+    """Replace each stage's items by the tokenised skill dataset (labels, skill labels). Raises ConfigError if none is left."""
+    from mose.skill_data import build_skill_dataset
+
+    for stage, data in stages.items():
+        ds, rep = build_skill_dataset(data.dataset, processor, taxonomy, max_length=cfg.data.max_length, cache_dir=cache_dir)
+        data.report["tokenised"] = rep.as_dict()
+        if len(ds) == 0:
+            _empty(cfg, stage, data.manifest, data.report)
+        data.report["items_used"] = len(ds)
+        data.dataset = ds
+
+
+def _empty(cfg: TrainConfig, stage: str, path: Path, report: dict):
+    st = cfg.stages[stage]
+    why = {k: v for k, v in report.items() if k not in ("items_built", "scenes")}
+    raise ConfigError(f"{cfg.source}: stages.{stage}: no training item left (empty stage): {report.get('scenes')} scenes from {path} "
+                      f"gave {report.get('items_built')} items of kinds {st.items.kinds} (roots {st.items.roots}, tasks "
+                      f"{st.items.tasks}), none usable; {why}")
+
+
+def prepare_stage_data(cfg: TrainConfig, processor, taxonomy, *, cache_dir: str | Path | None = None) -> dict[str, StageData]:
+    """collect_stage_items + tokenise_stages: every check for every stage, before any training."""
+    stages = collect_stage_items(cfg, taxonomy)
+    tokenise_stages(cfg, stages, processor, taxonomy, cache_dir=cache_dir)
+    return stages
+
+
+class SeededShuffleSampler(Sampler[int]):
+    """A permutation per epoch from (random_state, epoch): the same order on every process and after a resume."""
+
+    def __init__(self, n: int, random_state: int = 0):
+        self.n, self.random_state, self.epoch = int(n), int(random_state), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.random_state * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def make_sampler(st: StageConfig, data: StageData, taxonomy, seed: int):
+    if st.sampler == "skill_balanced":
+        from mose.skill_sampler import SkillBalancedSampler
+
+        return SkillBalancedSampler(data.dataset["skill_counts"], taxonomy, level="coarse", num_samples=len(data), random_state=seed)
+    return SeededShuffleSampler(len(data), seed)
+
+
+__all__ = ["StageData", "prepare_stage_data", "collect_stage_items", "tokenise_stages", "read_manifest", "stage_items", "make_sampler", "SeededShuffleSampler"]
