@@ -181,7 +181,10 @@ class _Scratch(threading.local):
         key = (name, like.dtype)
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < numel:
-            buf = self.buffers[key] = torch.empty(numel, dtype=like.dtype)
+            # a normal tensor even when first needed under inference_mode (e.g. generate): an inference tensor could
+            # not be written in place by a later training step
+            with torch.inference_mode(False):
+                buf = self.buffers[key] = torch.empty(numel, dtype=like.dtype)
         return buf[:numel].view(shape)
 
 
