@@ -1,6 +1,6 @@
 """`mose curate`: select scenes from a ScenePool and write a selection manifest.
 
-    mose curate --method {random,coreset,uncertainty,mosaic,sead} --pool DIR --budget N --out FILE.jsonl
+    mose curate --method {random,coreset,uncertainty,mosaic,sead,semantic,autoscale} --pool DIR --budget N --out FILE.jsonl
                 [--config YAML] [--seed S] [--scores FILE] [--pilot {auto,fast,none}] [--plots DIR]
     mose curate --plan PLAN.yaml --out DIR ...   (per-stage plans: curation/plan_cli.py, when present)
 
@@ -23,11 +23,14 @@ from pathlib import Path
 
 from curation.baselines import CoresetSelector, RandomSelector, UncertaintySelector
 from curation.mosaic import MOSAIC
+from curation.autoscale import AutoScaleSelector
 from curation.sead import SEAD
 from curation.selection import PilotError, SelectionError
+from curation.semantic import SemanticSelector
 
 # method name -> selector class; other stages (e.g. a per-stage plan) can register more entries
-METHODS = {"random": RandomSelector, "coreset": CoresetSelector, "uncertainty": UncertaintySelector, "mosaic": MOSAIC, "sead": SEAD}
+METHODS = {"random": RandomSelector, "coreset": CoresetSelector, "uncertainty": UncertaintySelector, "mosaic": MOSAIC, "sead": SEAD,
+           "semantic": SemanticSelector, "autoscale": AutoScaleSelector}
 PILOT_KEYS = ("eval_fraction", "eval_size", "max_eval", "model", "alpha", "metric", "tracking", "human_filter")
 
 
@@ -64,7 +67,7 @@ def load_config(path: str | None) -> dict:
     cfg = yaml.safe_load(p.read_text()) or {}
     if not isinstance(cfg, dict):
         raise SelectionError(f"{p}: expected a mapping of sections (method names, 'pilot'), got {type(cfg).__name__}")
-    allowed = set(METHODS) | {"pilot"}
+    allowed = set(METHODS) | {"pilot", "feedback"}  # feedback: AutoScale's closed-loop evaluator (plan_cli.feedback_factory)
     bad = sorted(set(cfg) - allowed)
     if bad:
         raise SelectionError(f"{p}: unknown section(s) {bad}; expected some of {sorted(allowed)}")
@@ -132,6 +135,10 @@ def run(args) -> int:
         if args.method == "mosaic" and selector.plot_dir is None:
             out = Path(args.out)
             selector.plot_dir = args.plots or str(out.with_name(out.name.removesuffix(".jsonl") + "_plots"))
+        if args.method in ("semantic", "autoscale"):
+            from curation import plan_cli
+
+            kwargs.update(plan_cli.method_kwargs(args.method, pool, cfg, args))
         selection = selector.select(pool, args.budget, **kwargs)
         if pilot is not None:
             selection.state["pilot_eval_ids"] = list(pilot.eval_ids)

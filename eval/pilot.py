@@ -131,7 +131,7 @@ class FastPilot:
         else:
             from sklearn.neural_network import MLPRegressor
 
-            est = MLPRegressor((64,), alpha=self.alpha * 1e-3, max_iter=300, early_stopping=len(X) >= 20, random_state=self.random_state)
+            est = MLPRegressor(hidden_layer_sizes=(64,), alpha=self.alpha * 1e-3, max_iter=300, early_stopping=len(X) >= 20, random_state=self.random_state)
         self.estimator_ = make_pipeline(StandardScaler(), est).fit(np.stack(X), np.stack(Y))
         self.n_train_, self.n_skipped_ = len(X), skipped
         return self
