@@ -214,14 +214,18 @@ def main(argv=None) -> dict:
     test_pilot = BenchPilot(pool, splits["test"], **pilot_cfg)
     val_pilot = BenchPilot(pool, splits["val"], reference_cache=test_pilot.reference_cache, **pilot_cfg)
     ctx = Context(pool, splits, val_pilot, cfg, progress=False)
+    ctx.plot_dir, ctx.plot_at = out / "plots", (seeds[0], budgets[-1])  # MOSAIC fits/allocation, AutoScale rounds
 
+    src = dict(zip(pool.ids, pool.column("source")))
+    flag = dict(zip(pool.ids, (bool(c or n) for c, n in zip(pool.column("crash"), pool.column("near_miss")))))
     scores: dict[str, dict[int, list[float]]] = {}
+    mix: dict[str, dict[int, list[tuple[float, float]]]] = {}
     runs: dict[str, list[dict]] = {}
     timings: dict[str, float] = {}
     bar = tqdm(total=len(methods) * len(seeds) * len(budgets), desc="data efficiency", unit="run", disable=not progress)
     for m in methods:
         d = run_dir(out, m, cfg, splits)
-        scores[m], runs[m], timings[m] = {}, [], 0.0
+        scores[m], mix[m], runs[m], timings[m] = {}, {}, [], 0.0
         for seed in seeds:
             order = None
             for b in budgets:
@@ -251,15 +255,19 @@ def main(argv=None) -> dict:
                            "select_s": sel_s, "state": state, "ids": ids}
                     write_json(path, rec)
                 scores[m].setdefault(b, []).append(float(rec["score"]))
+                mix[m].setdefault(b, []).append((np.mean([src[i] == "synthetic" for i in rec["ids"]]), np.mean([flag[i] for i in rec["ids"]])))
                 timings[m] += float(rec.get("select_s", 0.0))
                 runs[m].append({k: rec[k] for k in ("seed", "budget", "score", "select_s")} | {"state": rec.get("state", {})})
                 bar.update(1)
     bar.close()
 
     full = test_pilot.fit_and_score(splits["train"])
+    rollout = test_pilot.rollout_score()
     summary = report.summarise(scores)
     order = [m for m in METHODS + EXTRA if m in methods]
-    table = report.table_markdown(summary, order, {"n": len(splits["train"]), "score": full["score"]})
+    composition = {m: {str(b): {"synthetic_fraction": float(np.mean([x[0] for x in v])), "crash_or_near_miss_fraction": float(np.mean([x[1] for x in v]))}
+                       for b, v in mix[m].items()} for m in order}
+    table = report.table_markdown(summary, order, {"n": len(splits["train"]), "score": full["score"], "rollout": rollout}, composition)
     write_text(out / "table.md", table)
     png = report.plot(summary, order, out / "data_efficiency.png",
                       f"fast pilot EPDMS on {len(splits['test'])} held-out real scenes, {len(seeds)} seeds")
@@ -267,7 +275,8 @@ def main(argv=None) -> dict:
         "command": "python benchmarks/data_efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "pool": {"path": str(pool.root) if pool.root else None, "scenes": len(pool), "seconds": round(t_pool, 2)},
         "splits": splits["info"], "budgets": budgets, "seeds": seeds, "config": cfg, "config_notes": CONFIG_NOTES,
-        "target": summary["target"], "full_pool_score": full["score"],
+        "target": summary["target"], "full_pool_score": full["score"], "constant_rollout_score": rollout,
+        "training_pool_synthetic_fraction": float(np.mean([src[i] == "synthetic" for i in splits["train"]])), "composition": composition,
         "methods": {m: {"brmr": summary["methods"][m]["brmr"], "brmr_bound": summary["methods"][m]["bound"],
                         "brmr_bootstrap_90": summary["methods"][m].get("brmr_bootstrap_90"),
                         "needed_budget": summary["methods"][m]["needed"], "per_budget_brmr": summary["methods"][m]["per_budget_brmr"],

@@ -137,6 +137,17 @@ class BenchPilot(FastPilot):
         self._model_key = None
         return super().fit(ids)
 
+    def rollout_score(self) -> float:
+        """Mean EPDMS on the evaluation set of the untrained constant-speed/yaw-rate rollout (the zero-residual model)."""
+        from eval.navsim.scorer import mean_score, score_scenes
+        from eval.pilot import constant_rollout
+
+        scenes = [self._scene(s) for s in self.eval_ids]
+        preds = {s.id: constant_rollout(s, self.num_poses, self.interval) for s in scenes}
+        return float(mean_score(score_scenes(scenes, preds, metric=self.metric, tracking=self.tracking, human_filter=self.human_filter,
+                                             num_poses=self.num_poses, interval=self.interval,
+                                             reference_cache=self.reference_cache, progress=False)))
+
     def score_samples(self, ids):
         key = (self._model_key, digest(ids, ordered=True))
         if self._model_key is None or key not in self._samples:
@@ -186,6 +197,11 @@ class Context:
         self.exclude = list(splits["test"]) + list(splits["val"])
         self._sub = None
         self._embeddings: dict[int, tuple] = {}
+        self.plot_dir, self.plot_at, self.method = None, None, None  # plots of one (seed, budget) per method, if set
+
+    def plots_for(self, seed: int, budget: int):
+        """OUT/plots/<method> for the (seed, budget) chosen for plots, else None."""
+        return str(self.plot_dir / self.method) if self.plot_dir is not None and (seed, budget) == self.plot_at else None
 
     @property
     def subpool(self):
@@ -198,6 +214,7 @@ class Context:
 def select(method: str, ctx: Context, budget: int, seed: int) -> tuple[list[str], dict]:
     """(selected ids in selection order, a JSON-friendly summary of what the method fitted). A variant name
     "<method>_<tag>" (e.g. "mosaic_kmeans4") runs <method> with the config section of that name."""
+    ctx.method = method
     return RUNNERS[method if method in RUNNERS else method.split("_")[0]](ctx, budget, seed, dict(ctx.config.get(method, {})))
 
 
@@ -244,7 +261,7 @@ def _mosaic(ctx, budget, seed, cfg):
         cols = [pool.column(k) for k in key.split("+")]
         pool = pool.with_column("benchmark_domain", ["/".join(map(str, v)) for v in zip(*cols)])
         key = "benchmark_domain"
-    sel = MOSAIC(domain_key=key, random_state=seed, progress=ctx.progress, **cfg).select(
+    sel = MOSAIC(domain_key=key, random_state=seed, progress=ctx.progress, plot_dir=ctx.plots_for(seed, budget), **cfg).select(
         pool, budget, pilot=ctx.val_pilot, exclude=ctx.exclude)
     st = sel.state
     return sel.ids, {"domains": st["domains"], "allocation": st["allocation"], "importance": st["importance"],
@@ -285,7 +302,7 @@ def _autoscale(ctx, budget, seed, cfg):
     src = ctx.subpool.column("source")
     arr = ArrayPool(ctx.cand, {"source": src, "benchmark_embedding": Z.tolist()})
     sel.embedding = "benchmark_embedding"
-    out = sel.select(arr, budget, evaluator=evaluator)
+    out = sel.select(arr, budget, evaluator=evaluator, report_dir=ctx.plots_for(seed, budget))
     st = out.state
     return out.ids, {"feedback": feedback, "embedding": emb_state, "ratio": st["ratio"], "synthetic_fraction": st["synthetic_fraction"],
                      "best_round": st["best_round"], "best_score": st["best_score"], "initial_score": st["initial_score"],

@@ -83,11 +83,18 @@ def fmt_brmr(row: dict) -> str:
     return s
 
 
-def table_markdown(summary: dict, order: list[str], full_score: dict | None = None) -> str:
-    """Markdown: one row per method, mean ± std per budget, BRMR (and its bootstrap interval)."""
+def fmt_needed(need: dict) -> str:
+    if need["bound"] == "more_than":
+        return f"> {need['limit']:.0f}"
+    return ("≤ " if need["bound"] == "at_most" else "") + f"{need['budget']:.0f}"
+
+
+def table_markdown(summary: dict, order: list[str], full_score: dict | None = None, composition: dict | None = None) -> str:
+    """Markdown: one row per method, mean ± std per budget, the budget needed to reach the target, BRMR (and its
+    bootstrap interval); then, with `composition`, the synthetic share of each method's selections."""
     budgets = sorted({int(b) for m in order for b in summary["methods"][m]["budgets"]})
-    head = "| method | " + " | ".join(f"B = {b}" for b in budgets) + " | BRMR ↓ | 90 % interval |"
-    lines = [head, "|" + "---|" * (len(budgets) + 3)]
+    head = "| method | " + " | ".join(f"B = {b}" for b in budgets) + " | needed | BRMR ↓ | 90 % interval |"
+    lines = [head, "|" + "---|" * (len(budgets) + 4)]
     for m in order:
         row = summary["methods"][m]
         cells = []
@@ -95,13 +102,22 @@ def table_markdown(summary: dict, order: list[str], full_score: dict | None = No
             s = row["budgets"].get(str(b))
             cells.append(f"{s['mean']:.4f} ± {s['std']:.4f}" if s else "–")
         ci = row.get("brmr_bootstrap_90")
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {fmt_brmr(row)} | " + (f"{ci[0]:.2f}–{ci[1]:.2f}" if ci else "–") + " |")
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {fmt_needed(row['needed'])} | {fmt_brmr(row)} | "
+                     + (f"{ci[0]:.2f}–{ci[1]:.2f}" if ci else "–") + " |")
     t = summary["target"]
     lines.append("")
-    lines.append(f"EPDMS of the fast pilot on the fixed test set, mean ± std over seeds. BRMR = budget needed to reach random's "
-                 f"mean at B = {t['budget']} ({t['score']:.4f}), relative to random's; '> x': not reached within the largest budget.")
+    lines.append(f"EPDMS of the fast pilot on the fixed test set, mean ± std over seeds. needed = training scenes a method needs "
+                 f"to reach random's mean at B = {t['budget']} ({t['score']:.4f}) (running maximum of its mean curve, "
+                 f"log-interpolated); BRMR = needed / random's needed ({t['random_needed_budget']:.0f}); '> x': not reached "
+                 f"within the largest budget, '≤ x': reached at the smallest. 90 % interval: bootstrap over seeds.")
     if full_score:
-        lines.append(f"Reference: the whole training pool ({full_score['n']} scenes) scores {full_score['score']:.4f}.")
+        lines.append(f"Reference: the whole training pool ({full_score['n']} scenes) scores {full_score['score']:.4f}; "
+                     f"the untrained constant-speed/yaw-rate rollout scores {full_score['rollout']:.4f}.")
+    if composition:
+        lines += ["", "Synthetic share of the selected scenes (mean over seeds):", "",
+                  "| method | " + " | ".join(f"B = {b}" for b in budgets) + " |", "|" + "---|" * (len(budgets) + 1)]
+        for m in order:
+            lines.append(f"| {m} | " + " | ".join(f"{composition[m][str(b)]['synthetic_fraction']:.2f}" for b in budgets) + " |")
     return "\n".join(lines) + "\n"
 
 

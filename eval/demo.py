@@ -34,7 +34,7 @@ import shutil
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -111,6 +111,9 @@ def load_demo_config(path: str | os.PathLike | None = None, scale: str = "tiny")
     missing = [s for st in STEPS for s in st.sections if s not in cfg]
     if missing:
         raise ValueError(f"{path}: defaults.{missing[0]}: section missing (every step's section must be present)")
+    # the judge is part of the evaluate step's settings (a newly configured judge re-runs it); the key never is
+    url, model = os.environ.get("MOSE_JUDGE_URL"), os.environ.get("MOSE_JUDGE_MODEL")
+    cfg["evaluate"]["judge"] = {"url": url, "model": model} if url and model else None
     cfg["_scale"], cfg["_source"] = scale, str(path)
     return cfg
 
@@ -143,7 +146,6 @@ class StepContext:
     cfg: dict
     progress: bool = True
     log: Callable[[str], None] = print
-    extra: dict = field(default_factory=dict)
 
     def step_dir(self, name: str) -> Path:
         return self.run_dir / name
@@ -160,14 +162,15 @@ def run_step(step: Step, ctx: StepContext, h: str, upstream: dict[str, str]) -> 
     from eval import demo_steps
 
     d = ctx.dir
-    backup = None
+    previous = d.with_name(f".{d.name}.previous")
+    # a finished older version left aside by a run that was killed mid-step is still the one to fall back to
+    backup = previous if read_marker(previous) is not None else None
     if d.exists():
-        started = _read_json(d / STARTED)
-        if read_marker(d) is not None:  # a finished older version: keep it until the new one is finished
-            backup = d.with_name(f".{d.name}.previous")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(d, backup)
-        elif started.get("hash") != h:  # partial output of another configuration
+        if read_marker(d) is not None:  # a finished older version: keep it aside until the new one is finished
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(d, previous)
+            backup = previous
+        elif _read_json(d / STARTED).get("hash") != h:  # partial output of another configuration
             shutil.rmtree(d)
     d.mkdir(parents=True, exist_ok=True)
     write_json(d / STARTED, {"hash": h, "started_at": _now()})
@@ -186,8 +189,7 @@ def run_step(step: Step, ctx: StepContext, h: str, upstream: dict[str, str]) -> 
               "settings": ctx.cfg.get("_source")}
     write_json(d / MARKER, marker)  # the commit point: from here on the folder counts as finished
     (d / STARTED).unlink(missing_ok=True)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+    shutil.rmtree(previous, ignore_errors=True)
     return marker
 
 
@@ -252,7 +254,7 @@ def run_demo(out: str | os.PathLike, cfg: dict, *, progress: bool = True, force_
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo); re-run to reuse finished steps")
     parser.add_argument("--scale", default="tiny", choices=SCALES + ("test",), metavar="{tiny,small}",
-                        help="tiny: about 10 minutes on 2 CPU cores (default); small: more scenes and steps")
+                        help="tiny: under 10 minutes on 2 CPU cores (default); small: more scenes and training steps (slower)")
     parser.add_argument("--config", help="demo settings YAML (default: the packaged datasets_cfg/demo.yaml)")
     parser.add_argument("--from", dest="force_from", choices=STEP_NAMES, metavar="STEP",
                         help=f"re-run from this step even if finished ({', '.join(STEP_NAMES)})")

@@ -79,7 +79,10 @@ def skills(ctx) -> dict:
         dest = ctx.dir / name
         pool.save(dest)
         # images stay where the simulator wrote them: relative paths resolve through a relative link
-        (dest / "images").symlink_to(Path("..") / ".." / "simulate" / name / "images", target_is_directory=True)
+        link = dest / "images"
+        if link.is_symlink():  # left by an interrupted run of this step
+            link.unlink()
+        link.symlink_to(Path("..") / ".." / "simulate" / name / "images", target_is_directory=True)
         table = coverage_table(ScenePool.load(dest), tax, by="source")
         write_coverage(table, ctx.dir / f"coverage_{name}.csv")
         write_coverage(table, ctx.dir / f"coverage_{name}.md")
@@ -175,7 +178,7 @@ def _train_summary(ctx, result: dict) -> dict:
         log = [json.loads(line) for line in (ctx.dir / name / "log.jsonl").read_text().splitlines() if line.strip()]
         stages[name] = {"steps": s["steps"], "train_loss": s["train_loss"], "last_loss": s["last_loss"], "scenes": s["scenes"], "items": s["items"],
                         "trainable_groups": s["trainable_groups"], "trainable_params": sum(r[1] for r in s["trainable"].values()),
-                        "losses": s["losses"], "lora": s["lora"], "deepspeed": bool(s["deepspeed"]),
+                        "losses": s["losses"], "lora": s["lora"], "deepspeed": Path(s["deepspeed"]).name if s["deepspeed"] else None,
                         "loss_curve": [[r["step"], r["loss"]] for r in log if "loss" in r]}
     return {"final": _rel(ctx, final), "parameters": counts, "stages": stages}
 
@@ -233,13 +236,13 @@ def train_dense(ctx) -> dict:
 # 6. evaluate
 
 
-def judge_settings() -> dict | None:
-    """The CODA judge from the environment: MOSE_JUDGE_URL + MOSE_JUDGE_MODEL (key: $MOSE_JUDGE_API_KEY or $OPENAI_API_KEY)."""
-    url, model = os.environ.get("MOSE_JUDGE_URL"), os.environ.get("MOSE_JUDGE_MODEL")
-    if not url or not model:
+def judge_settings(cfg: dict) -> dict | None:
+    """The CODA judge: evaluate.judge (set from MOSE_JUDGE_URL + MOSE_JUDGE_MODEL by eval.demo.load_demo_config), with the
+    name of the variable holding the key: $MOSE_JUDGE_API_KEY if set, else $OPENAI_API_KEY (the key itself is never stored)."""
+    judge = cfg["evaluate"].get("judge")
+    if not judge:
         return None
-    key_env = "MOSE_JUDGE_API_KEY" if os.environ.get("MOSE_JUDGE_API_KEY") else "OPENAI_API_KEY"
-    return {"url": url, "model": model, "key_env": key_env}
+    return dict(judge, key_env="MOSE_JUDGE_API_KEY" if os.environ.get("MOSE_JUDGE_API_KEY") else "OPENAI_API_KEY")
 
 
 def coda_eval(ctx, model_dir: Path, out: Path) -> dict:
@@ -252,7 +255,7 @@ def coda_eval(ctx, model_dir: Path, out: Path) -> dict:
     e = ctx.cfg["evaluate"]
     argv = ["--annotations", str(ctx.step_dir("skills") / "heldout"), "--model", str(model_dir), "--out", str(out),
             "--batch-size", str(e["batch_size"]), "--max-new-tokens", str(e["qa_max_new_tokens"]), "--dtype", "float32"]
-    judge = judge_settings()
+    judge = judge_settings(ctx.cfg)
     if judge:
         argv += ["--judge-url", judge["url"], "--judge-model", judge["model"], "--judge-key-env", judge["key_env"]]
     parser = argparse.ArgumentParser()
@@ -294,7 +297,9 @@ def plan_eval(ctx, model_dir: Path, scenes, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for s in scenes:
-        image = s.image_paths(frame=s.current_index)
+        image = s.image_paths(frame=s.current_index) or s.image_paths()[-1:]  # as the training items pick it
+        if not image:
+            raise ValueError(f"held-out scene {s.id}: field 'images': expected an image of the current frame, got none")
         records.append({"question_id": s.id, "task": "planning", "question": hierarchical_prompt(s.row), "image": str(image[0])})
     with generation_threads():
         Generator(str(model_dir), batch_size=int(e["batch_size"]), max_new_tokens=int(e["plan_max_new_tokens"])).run(
@@ -353,7 +358,7 @@ def evaluate(ctx) -> dict:
 
     pool = ScenePool.load(ctx.step_dir("skills") / "heldout")
     scenes = list(pool)
-    out = {"heldout_scenes": len(scenes), "judge": judge_settings() and {k: v for k, v in judge_settings().items() if k != "key_env"},
+    out = {"heldout_scenes": len(scenes), "judge": ctx.cfg["evaluate"].get("judge"),
            "models": {}, "references": {}}
     for model in MODELS:
         mdir = final_model(ctx.run_dir, model)

@@ -323,9 +323,10 @@ def build_report(run_dir: str | Path, out_dir: str | Path) -> dict:
                          s.get("train_loss"), s.get("last_loss")])
         rows.append([label, "parameters", "", "", "", f"total {p.get('total')}, activated per token {p.get('activated')}", "", "", ""])
     md.append(table(["model", "stage", "steps", "scenes", "items", "trainable groups", "trainable params", "mean train loss", "last loss"], rows))
-    md.append(f"{tr.get('model', '')}; {dn.get('model', '')}. DeepSpeed: {'ZeRO config ' if _get(tr, 'stages', 'align', 'deepspeed') else 'off'}"
-              f"{'(training/deepspeed/)' if _get(tr, 'stages', 'align', 'deepspeed') else ''}. Sources: `train/summary.json`, "
-              "`train_dense/summary.json`, `<stage>/log.jsonl`.\n\n")
+    ds = _get(tr, "stages", "align", "deepspeed")
+    md.append(f"{tr.get('model', '')}; {dn.get('model', '')}. DeepSpeed: "
+              f"{f'training/deepspeed/{ds}' if isinstance(ds, str) else 'off (plain PyTorch through the same Trainer)'}. "
+              "Sources: `train/summary.json`, `train_dense/summary.json`, `<stage>/log.jsonl`.\n\n")
     if tr.get("stages"):
         figures["losses"] = str(plot_losses(tr, dn, figs / "training_loss.png").relative_to(out))
         md.append(f"![training loss]({figures['losses']})\n\n")

@@ -143,25 +143,29 @@ def grouped_mm_available(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def resolve_dispatch(dispatch: str, n_rows: int, *tensors: torch.Tensor) -> str:
-    """"auto" -> "grouped_mm" on GPUs; on CPU "sort" when there is enough work to spread over the threads, else
-    grouped_mm (one call, no per-expert Python, best for decoding). "grouped_mm" falls back to "sort" where the
+def resolve_dispatch(dispatch: str, n_rows: int, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> str:
+    """"auto" -> "grouped_mm" on GPUs; on CPU "sort" when each expert has enough work to be worth a thread, else
+    grouped_mm (one call, no per-expert Python: small batches, decoding). "grouped_mm" falls back to "sort" where the
     kernel cannot run.
 
     On CPU, torch's grouped_mm runs the experts one after another with every matmul split across all threads;
     "sort" runs whole experts in parallel on the threads instead (no per-matmul synchronisation, each expert's data
-    stays in cache), which is faster for training-sized batches and much more robust on a busy machine.
+    stays in cache), which is faster for training-sized batches and much more robust on a busy machine, but costs
+    ~25 Python-level ops per expert.
     """
     if dispatch == "auto":
-        cpu = tensors[0].device.type == "cpu"
-        spread = cpu and torch.get_num_threads() > 1 and n_rows >= _MIN_ROWS_PER_THREAD * torch.get_num_threads()
+        threads = torch.get_num_threads() if x.device.type == "cpu" else 1
+        num_experts, hidden, inter = gate_up.shape[0], gate_up.shape[2], down.shape[2]
+        work_per_expert = n_rows / num_experts * hidden * inter  # ~ multiply-adds of one of its matmuls
+        spread = threads > 1 and n_rows >= _MIN_ROWS_PER_THREAD * threads and work_per_expert >= _MIN_EXPERT_WORK
         dispatch = "sort" if spread else "grouped_mm"
-    if dispatch == "grouped_mm" and not grouped_mm_available(*tensors):
+    if dispatch == "grouped_mm" and not grouped_mm_available(x, gate_up, down):
         dispatch = "sort"
     return dispatch
 
 
 _MIN_ROWS_PER_THREAD = 256
+_MIN_EXPERT_WORK = 2**23  # below this, per-expert Python overhead outweighs the gain of expert-parallel threads
 
 
 class _Scratch(threading.local):
@@ -231,10 +235,12 @@ class _ExpertThreads:
                 fn(e)
             return
         ticket = itertools.count()  # next() is atomic under the GIL
+        inference = torch.is_inference_mode_enabled()  # thread-local: carry the caller's mode into the workers
 
         def worker():
-            while (i := next(ticket)) < len(order):
-                fn(order[i])
+            with torch.inference_mode(inference):
+                while (i := next(ticket)) < len(order):
+                    fn(order[i])
 
         futures = [self._ensure(threads).submit(worker) for _ in range(threads)]
         for f in futures:

@@ -83,15 +83,15 @@ def test_table_and_brmr_match_the_runs(run):
         assert got["brmr"] == pytest.approx(expect, rel=1e-9), m
     # the markdown table: header with every budget, one row per method with its mean ± std and BRMR
     lines = (out / "table.md").read_text().splitlines()
-    assert lines[0] == "| method | " + " | ".join(f"B = {b}" for b in BUDGETS) + " | BRMR ↓ | 90 % interval |"
+    assert lines[0] == "| method | " + " | ".join(f"B = {b}" for b in BUDGETS) + " | needed | BRMR ↓ | 90 % interval |"
     for m in methods:
         row = next(line for line in lines if line.startswith(f"| {m} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert len(cells) == len(BUDGETS) + 3
+        assert len(cells) == len(BUDGETS) + 4
         for b, cell in zip(BUDGETS, cells[1:]):
             mean, std = (float(x) for x in cell.split("±"))
             assert mean == pytest.approx(np.mean(runs[m][b]), abs=5e-5) and std == pytest.approx(np.std(runs[m][b], ddof=1), abs=5e-5)
-        brmr_cell = cells[len(BUDGETS) + 1]
+        brmr_cell = cells[len(BUDGETS) + 2]
         assert float(brmr_cell.lstrip("><≤ ")) == pytest.approx(res["methods"][m]["brmr"], abs=5e-3)
         assert brmr_cell.startswith("> ") == (res["methods"][m]["brmr_bound"] == "more_than")
     assert (out / "data_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -22,11 +22,17 @@ from eval.demo import STEP_NAMES, STEPS, load_demo_config, read_marker, step_has
 PACKAGED = Path(__file__).resolve().parents[1] / "datasets_cfg" / "demo.yaml"
 
 
+JUDGE_ENV: dict = {}  # the fake judge's settings, the same for every run of the module (they are part of the evaluate hash)
+SECRET = "sk-demo-test-secret"
+
+
 def run_cli(out: Path, *extra: str) -> tuple[int, str, str]:
     from mose.cli import main
 
     so, se = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
+        for k, v in JUDGE_ENV.items():
+            mp.setenv(k, v)
         code = main(["demo", "--out", str(out), "--scale", "test", "--no-progress", *extra])
     return code, so.getvalue(), se.getvalue()
 
@@ -50,7 +56,18 @@ def markers(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def judge():
+    """A fake OpenAI-compatible judge on loopback (tests/coda_lm_fixtures.py) that rates every answer 7."""
+    from tests.coda_lm_fixtures import FakeJudge
+
+    with FakeJudge(lambda body, headers, attempt: (200, "Partly right. Rating: [[7]]", 0.0)) as fake:
+        JUDGE_ENV.update(MOSE_JUDGE_URL=fake.url, MOSE_JUDGE_MODEL="fake-judge", MOSE_JUDGE_API_KEY=SECRET)
+        yield fake
+    JUDGE_ENV.clear()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, judge):
     import torch
 
     n = torch.get_num_threads()
@@ -144,6 +161,21 @@ def test_report_numbers_come_from_the_step_outputs(demo):
         assert rows and int(rows[0].split("|")[3]) == keys["max_steps"]
 
 
+def test_judge_runs_when_configured_and_its_key_is_never_written(demo, judge):
+    out, _ = demo
+    md = (out / "report" / "report.md").read_text()
+    assert "LLM judge fake-judge" in md
+    for model, label in (("mose", "MoSE"), ("dense", "dense baseline")):
+        scores = json.loads((out / "evaluate" / "coda" / model / "scores.json").read_text())["judge_scores"]
+        rows = [l for l in md.splitlines() if l.startswith(f"| {label} | general |") and l.count("|") == 7]
+        assert rows and float(rows[0].split("|")[3]) == pytest.approx(scores["general"]["score"], abs=5e-5) == 70.0
+    assert judge.requests and all(body["model"] == "fake-judge" for _, body, _ in judge.requests)
+    assert all(h.get("Authorization") == f"Bearer {SECRET}" for _, _, h in judge.requests)
+    for f in out.rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".jsonl", ".md", ".yaml", ".csv"):
+            assert SECRET not in f.read_text(errors="ignore"), f
+
+
 def test_report_figures_are_readable_pngs(demo):
     from PIL import Image
 
@@ -188,6 +220,9 @@ def test_rerun_reuses_every_step(demo, tmp_path):
     for i, name in enumerate(STEP_NAMES, 1):
         assert f"[{i}/{len(STEPS)}] {name}: reused" in stdout
     assert markers(out) == before
+    code, stdout, _ = run_cli(out, "--from", "report")  # forced: only the report runs again
+    after = markers(out)
+    assert code == 0 and [s for s in STEP_NAMES if after[s] != before[s]] == ["report"]
 
 
 def test_changed_config_reruns_from_the_changed_step(demo, tmp_path):
@@ -236,6 +271,15 @@ def test_step_hash_covers_config_and_upstream():
     for st in STEPS:
         new[st.name] = step_hash(st, changed, new)
     assert [s for s in STEP_NAMES if new[s] != hashes[s]] == ["curate", "train", "train_dense", "evaluate", "closed_loop", "report"]
+    # a judge configured later re-runs the evaluation (and the report), nothing before it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOSE_JUDGE_URL", "http://127.0.0.1:9/v1")
+        mp.setenv("MOSE_JUDGE_MODEL", "m")
+        judged = load_demo_config(None, "test")
+    new = {}
+    for st in STEPS:
+        new[st.name] = step_hash(st, judged, new)
+    assert [s for s in STEP_NAMES if new[s] != hashes[s]] == ["evaluate", "report"]
 
 
 def test_config_errors_name_file_and_key(tmp_path):
@@ -303,3 +347,48 @@ def test_model_planner_follows_its_last_plan_between_replans():
     with pytest.raises(ValueError, match="unparseable"):
         planner(obs(2.0, 0.5))
     assert [d["followed_last_plan"] for d in planner.decisions_] == [True, True]
+
+
+class FakeStepFailure(RuntimeError):
+    """Raised by the fake step functions below."""
+
+
+def test_step_protocol_keeps_the_last_finished_output(tmp_path, monkeypatch):
+    import os
+
+    from eval import demo_steps
+    from eval.demo import Step, StepContext, run_step
+
+    step = Step("fake", "a fake step", "fake_step", ("seed",))
+    d = tmp_path / "fake"
+    ctx = StepContext(step, d, tmp_path, {"seed": 0}, False, lambda m: None)
+
+    def writes(text, fail=False, expect_partial=False):
+        def fn(c):
+            if expect_partial:
+                assert (c.dir / "out.txt").read_text() == "partial"  # an interrupted run of the same settings resumes
+            (c.dir / "out.txt").write_text(text)
+            if fail:
+                raise FakeStepFailure("boom")
+            return {"text": text}
+        monkeypatch.setattr(demo_steps, "fake_step", fn, raising=False)
+
+    writes("v1")
+    assert run_step(step, ctx, "h1", {})["hash"] == "h1"
+    writes("v2", fail=True)
+    with pytest.raises(FakeStepFailure):
+        run_step(step, ctx, "h2", {})
+    assert (d / "out.txt").read_text() == "v1" and read_marker(d)["hash"] == "h1" and not (tmp_path / ".fake.previous").exists()
+    # a kill after the finished version was moved aside: the partial new one resumes, the old one is still the fallback
+    os.replace(d, tmp_path / ".fake.previous")
+    d.mkdir()
+    (d / "out.txt").write_text("partial")
+    (d / ".started.json").write_text(json.dumps({"hash": "h2"}))
+    writes("v2", fail=True, expect_partial=True)
+    with pytest.raises(FakeStepFailure):
+        run_step(step, ctx, "h2", {})
+    assert (d / "out.txt").read_text() == "v1" and read_marker(d)["hash"] == "h1"
+    writes("v2")
+    assert run_step(step, ctx, "h2", {})["hash"] == "h2"
+    assert (d / "out.txt").read_text() == "v2" and json.loads((d / "summary.json").read_text()) == {"text": "v2"}
+    assert not (tmp_path / ".fake.previous").exists() and not (d / ".started.json").exists()

@@ -47,6 +47,15 @@ def naive_moe(x, block, capacity=None):
     return out, keep
 
 
+@pytest.fixture
+def two_threads():
+    """The expert-parallel path runs on torch's intra-op thread count: use 2 threads, restore afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 def _grads(block, x, out, grad_out):
     params = [x, block.router.weight, block.experts.gate_up_proj, block.experts.down_proj]
     return torch.autograd.grad(out, params, grad_out)
@@ -64,8 +73,7 @@ def _block(hidden=32, inter=16, experts=6, top_k=2, seed=0, **kw):
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.7])
 @pytest.mark.parametrize("tokens", [23, 700])  # 700 tokens run the multi-threaded expert path
-def test_dispatch_paths_match_reference_outputs_and_gradients(capacity_factor, tokens):
-    torch.set_num_threads(2)
+def test_dispatch_paths_match_reference_outputs_and_gradients(capacity_factor, tokens, two_threads):
     block = _block(capacity_factor=capacity_factor).train()
     x = torch.randn(tokens, 32, requires_grad=True)
     grad_out = torch.randn(tokens, 32)
@@ -124,13 +132,16 @@ def test_fully_dropped_token_gets_zero_output():
     assert block(x)[1:].abs().sum() > 0
 
 
-def test_grouped_mm_falls_back_where_unusable():
-    w = torch.zeros(4, 8, 8, dtype=torch.float64)
-    assert resolve_dispatch("grouped_mm", 10, w) == "sort"
-    assert resolve_dispatch("grouped_mm", 10, torch.zeros(4, 8, 6)) == "sort"  # 24-byte rows: not 16-byte aligned
-    torch.set_num_threads(2)
-    assert resolve_dispatch("auto", 4096, torch.zeros(4, 8, 8)) == "sort"  # CPU, training-sized: expert-parallel
-    assert resolve_dispatch("auto", 4, torch.zeros(4, 8, 8)) == "grouped_mm"  # CPU, decoding-sized
+def test_grouped_mm_falls_back_where_unusable(two_threads):
+    def dispatch(mode, rows, experts=4, hidden=8, inter=8, dtype=torch.float32):
+        gate_up, down = torch.zeros(experts, 2 * inter, hidden, dtype=dtype), torch.zeros(experts, hidden, inter, dtype=dtype)
+        return resolve_dispatch(mode, rows, torch.zeros(rows, hidden, dtype=dtype), gate_up, down)
+
+    assert dispatch("grouped_mm", 10, dtype=torch.float64) == "sort"
+    assert dispatch("grouped_mm", 10, inter=6) == "sort"  # 24-byte rows: not 16-byte aligned
+    assert dispatch("auto", 8192, experts=64, hidden=1024, inter=256) == "sort"  # training-sized: expert-parallel
+    assert dispatch("auto", 4096, experts=64, hidden=256, inter=64) == "grouped_mm"  # tiny experts
+    assert dispatch("auto", 4, hidden=1024, inter=1024) == "grouped_mm"  # decoding-sized
 
 
 def test_shared_expert_adds_a_dense_ffn():
@@ -228,7 +239,7 @@ def test_routing_trace_aggregates_expert_usage_per_skill():
 
 
 @pytest.mark.parametrize("dispatch", ["sort", "grouped_mm"])
-def test_frozen_experts_still_train_the_router(dispatch):
+def test_frozen_experts_still_train_the_router(dispatch, two_threads):
     """Router pretraining freezes the experts: only the routing weights and the input get gradients."""
     block = _block()
     block.experts.gate_up_proj.requires_grad_(False)
@@ -241,3 +252,16 @@ def test_frozen_experts_still_train_the_router(dispatch):
         grads[d] = torch.autograd.grad(block(x), [x, block.router.weight], grad_out)
     for a, b in zip(grads["eager"], grads[dispatch]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_expert_threads_follow_inference_mode_then_train(two_threads):
+    """A long prompt under torch.inference_mode (generate) runs the multi-threaded path; training works afterwards."""
+    block = _block()
+    block.experts.dispatch = "sort"
+    x = torch.randn(600, 32)
+    expected, _ = naive_moe(x, block)
+    with torch.inference_mode():
+        torch.testing.assert_close(block(x).double(), expected, rtol=1e-4, atol=1e-5)
+    x.requires_grad_(True)
+    block(x).square().sum().backward()
+    assert torch.isfinite(x.grad).all() and block.experts.gate_up_proj.grad is not None

@@ -178,16 +178,27 @@ def test_cli_bad_file_is_a_clear_error(pool_dir, tmp_path, capsys):
 
 
 def test_ground_truth_beats_constant_velocity_on_simulator_scenes(tmp_path):
+    """Issue 5: ground-truth trajectories on simulator scenes score >= 0.9 EPDMS on average, constant velocity clearly
+    lower. A pool with every default environment (two episodes each) and both sources; the simulated ego drives within
+    NAVSIM's comfort bounds and the maps carry NAVSIM route semantics (datasets_cfg/sources/sim_drivers.py, sim_export.py).
+    Cruising on a straight road, constant velocity is as good as the logged driving (NAVSIM's navtest drops such
+    scenes; we keep them), so the clear gap is asserted where the road turns."""
     sim = pytest.importorskip("datasets_cfg.sources.sim")
-    sim.generate(tmp_path / "sim", 30, seed=0, image_size=32, scenes_per_episode=5, progress=False)
+    sim.generate(tmp_path / "sim", 56, seed=1, image_size=32, scenes_per_episode=4, synthetic_fraction=0.3, progress=False)
     scenes = list(ScenePool.load(tmp_path / "sim"))
+    assert {s["source"] for s in scenes} == {"real", "synthetic"} and len({s["location"] for s in scenes}) >= 5
     gt_rows = score_scenes(scenes, agents.human(scenes))
     cv_rows = score_scenes(scenes, agents.constant_velocity(scenes))
+    assert all(r["valid"] for r in gt_rows + cv_rows)
     gt, cv = mean_score(gt_rows), mean_score(cv_rows)
-    assert all(r["valid"] for r in gt_rows)
-    # highway-env's drivers brake and steer harder than NAVSIM's comfort bounds allow, which costs the logged
-    # human HC and EC; every safety sub-metric stays close to 1
-    assert gt >= 0.8 and cv <= gt - 0.2
-    for c in ("no_at_fault_collisions", "drivable_area_compliance", "time_to_collision_within_bound"):
-        assert np.nanmean([r[c] for r in gt_rows]) >= 0.95
+    assert gt >= 0.9 and cv <= gt - 0.1, (gt, cv)
+    turning = [i for i, s in enumerate(scenes) if s["location"] in ("roundabout", "intersection", "u-turn")]
+    gt_turn, cv_turn = (np.mean([rows[i]["score"] for i in turning]) for rows in (gt_rows, cv_rows))
+    assert len(turning) >= 12 and cv_turn <= gt_turn - 0.2, (gt_turn, cv_turn)
+    real = [r["score"] for s, r in zip(scenes, gt_rows) if s["source"] == "real"]
+    assert np.mean(real) >= 0.93
+    # the logged driving is comfortable by NAVSIM's bounds, and safe, on road and in its direction
+    assert np.mean([r["history_comfort"] for r in gt_rows]) >= 0.85
+    for c in ("no_at_fault_collisions", "drivable_area_compliance", "driving_direction_compliance", "time_to_collision_within_bound"):
+        assert np.nanmean([r[c] for r in gt_rows]) >= 0.95, c
     assert not any(math.isnan(r["score"]) for r in gt_rows + cv_rows)

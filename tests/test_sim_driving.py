@@ -57,12 +57,21 @@ def test_on_route_marks_every_lane_of_the_route_segments():
     assert {l["id"] for l in m["lanes"] if l["on_route"]} == {"e>f#0"}
 
 
-def test_route_lanes_are_kept_whole_when_the_map_is_cropped():
+def test_route_lanes_stay_joined_when_the_map_is_cropped():
     m = export_road(road(), (40.0, -10.0, 60.0, 10.0), ["a>b#0", "b>c#0"])
     lanes = {l["id"]: l for l in m["lanes"]}
-    assert lanes["a>b#0"]["centerline"][0] == [0.0, 0.0] and lanes["b>c#0"]["centerline"][-1] == [100.0, 0.0]
-    assert lanes["a>b#1"]["centerline"][0][0] >= 40.0  # other lanes are cropped to the region
-    assert "c>d#0" not in lanes
+    # other lanes are cropped to the region (samples every 10 m), route lanes to the region grown by ROUTE_TAIL_M
+    assert lanes["a>b#1"]["centerline"] == [[40.0, 4.0], [50.0, 4.0]] and "c>d#0" not in lanes
+    assert lanes["a>b#0"]["centerline"] == [[0.0, 0.0], [50.0, 0.0]] and lanes["b>c#0"]["centerline"] == [[50.0, 0.0], [100.0, 0.0]]
+    far = LaneSamples("g>h#0", ("g", "h"), "lane", False, 20.0, np.c_[np.linspace(0, 1000, 101), np.zeros(101)],
+                      np.c_[np.linspace(0, 1000, 101), np.full(101, 2.0)], np.c_[np.linspace(0, 1000, 101), np.full(101, -2.0)])
+    line = {l["id"]: l for l in export_road([far], (40.0, -10.0, 60.0, 10.0), ["g>h#0"])["lanes"]}["g>h#0"]["centerline"]
+    assert line == [[0.0, 0.0], [210.0, 0.0]]  # x in [40 - 150, 60 + 150]
+    # a route lane outside the grown region is kept whole, and joints are kept
+    m = export_road(road(), (-250.0, -10.0, -200.0, 10.0), ["b>c#1", "b>c#1~c>d#0", "c>d#0"])
+    lanes = {l["id"]: l for l in m["lanes"]}
+    assert lanes["c>d#0"]["centerline"][0] == [106.0, 8.0] and lanes["c>d#0"]["centerline"][-1] == [150.0, 8.0]
+    assert lanes["b>c#1"]["centerline"][-1] == [100.0, 4.0] and lanes["b>c#1"]["centerline"][0] == [50.0, 4.0]
 
 
 @pytest.mark.parametrize("env_id, policy", [("highway-v0", "idm_mobil"), ("roundabout-v1", "idm_mobil"), ("u-turn-v1", "cautious")])

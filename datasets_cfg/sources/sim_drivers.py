@@ -173,18 +173,27 @@ class EgoVehicle(IDMVehicle):
         return pieces
 
     @staticmethod
-    def _heading_at(pieces: list, d: float) -> float:
-        """Heading of the path `d` m ahead (the last piece is extended if the path is shorter)."""
+    def _heading_at(pieces: list, d):
+        """Heading of the path `d` m ahead (scalar or array; the last piece is extended if the path is shorter)."""
+        d = np.asarray(d, dtype=float)
+        out = np.zeros_like(d)
+        start = 0.0
         for k, (_, lane, s0, s1) in enumerate(pieces):
-            if d <= s1 - s0 or k == len(pieces) - 1:
-                return float(lane.heading_at(s0 + d))
-            d -= s1 - s0
-        return 0.0
+            last = k == len(pieces) - 1
+            m = (d >= start) & ((d <= start + s1 - s0) | last) if k else (d <= s1 - s0) | last
+            if m.any():
+                s = s0 + d[m] - start
+                try:
+                    out[m] = np.broadcast_to(lane.heading_at(s), s.shape)
+                except (TypeError, ValueError):  # a lane type whose heading_at takes scalars only
+                    out[m] = [lane.heading_at(x) for x in s]
+            start += s1 - s0
+        return float(out) if out.ndim == 0 else out
 
     def curve_speed(self, pieces: list | None = None, step: float = 2.0) -> float:
         """The highest speed (m/s) from which every curve ahead is reached at its comfortable speed."""
         horizon = min(self.speed**2 / (2.0 * self.CURVE_DECEL) + 30.0, 200.0)
-        pieces = pieces if pieces is not None else self._pieces_ahead(horizon + step)
+        pieces = pieces if pieces is not None else self._pieces_ahead(max(horizon, self.ENTRY_LOOK_M) + step)
         limit, d0 = float("inf"), 0.0
         for idx, lane, s0, s1 in pieces:  # slow down to JUNCTION_SPEED before entering a junction
             if idx is not None and idx[:2] in self.junction_edges:
@@ -194,7 +203,7 @@ class EgoVehicle(IDMVehicle):
         if all(isinstance(lane, StraightLane) and not isinstance(lane, SineLane) for _, lane, _, _ in pieces):
             return limit
         d = np.arange(0.0, horizon, step)
-        h = np.unwrap([self._heading_at(pieces, x) for x in np.append(d, horizon)])
+        h = np.unwrap(self._heading_at(pieces, np.append(d, horizon)))
         kappa = np.abs(np.diff(h)) / step  # mean curvature of each step
         kappa = np.maximum(kappa, 1e-6)
         v_curve = np.minimum(np.sqrt(self.A_LAT_MAX / kappa), self.YAW_RATE_MAX / kappa)
@@ -235,11 +244,11 @@ class EgoVehicle(IDMVehicle):
         """IDM acceleration towards `desired_speed` behind `front` (or free road), the gap measured along `lane`.
 
         As highway-env's IDMVehicle.acceleration, except: above the desired speed the free-road term brakes
-        at least (v - desired) / SPEED_TAU (IDM alone brakes only ~0.5 a at 10 % too fast, too late for a curve)
-        and at most BRAKE_MAX (a desired speed far below the current one, e.g. highway-env's "yield" that sets
-        it to 0, asks for a firm stop, not an emergency one), and the gap to a vehicle found on the target lane is measured along
-        the target lane (highway-env measures it along the current lane, which at a junction makes a car
-        driving away on a crossing road look like a stopped car ahead).
+        at least (v - desired) / SPEED_TAU (IDM alone brakes only ~0.5 a at 10 % too fast, too late for a
+        curve) and at most BRAKE_MAX (a desired speed far below the current one, e.g. highway-env's "yield"
+        that sets it to 0, asks for a firm stop, not an emergency one); and the gap to a vehicle found on the
+        target lane is measured along the target lane (highway-env measures it along the current lane, which
+        at a junction makes a car driving away on a crossing road look like a stopped car ahead).
         """
         v = max(float(self.speed), 0.0)
         free = self.COMFORT_ACC_MAX * (1.0 - np.power(v / max(abs(desired_speed), 1e-2), self.DELTA))
@@ -302,8 +311,10 @@ class EgoVehicle(IDMVehicle):
         look = v * self.TAU_HEADING
         heading_path = self._heading_at(self._pieces_ahead(look + 1.0), look)
         lat_speed = float(np.clip(-lateral / self.TAU_LATERAL, -self.LAT_SPEED_MAX, self.LAT_SPEED_MAX))
-        heading_ref = heading_path + float(np.clip(np.arcsin(np.clip(lat_speed / v, -1.0, 1.0)), -self.HEADING_OFFSET_MAX, self.HEADING_OFFSET_MAX))
-        yaw_rate = float(np.clip(utils.wrap_to_pi(heading_ref - self.heading) / self.TAU_HEADING, -self.YAW_RATE_MAX, self.YAW_RATE_MAX))
+        offset = float(np.arcsin(np.clip(lat_speed / v, -1.0, 1.0)))
+        heading_ref = heading_path + float(np.clip(offset, -self.HEADING_OFFSET_MAX, self.HEADING_OFFSET_MAX))
+        yaw_rate = utils.wrap_to_pi(heading_ref - self.heading) / self.TAU_HEADING
+        yaw_rate = float(np.clip(yaw_rate, -self.YAW_RATE_MAX, self.YAW_RATE_MAX))
         step = self.YAW_ACCEL_MAX * self.CONTROL_DT
         self._yaw_rate_cmd += float(np.clip(yaw_rate - self._yaw_rate_cmd, -step, step))
         # highway-env's bicycle: yaw rate = v sin(beta) / (L / 2), beta = atan(tan(steering) / 2)

@@ -13,6 +13,12 @@ LENGTH x WIDTH around their position; we put the ego rear axle `REAR_AXLE_TO_CEN
 behind the box centre, so a NAVSIM-style scorer that assumes that offset places the ego box where the
 simulator has it. Agents are box centres, as in the schema.
 
+Map semantics (NAVSIM's). A highway-env road segment (edge (from, to)) is a roadblock: its lanes run the same
+way. `route_chain` turns the lanes a vehicle followed into a connected chain, one lane per segment;
+`export_road` marks every lane of a route segment `on_route`. highway-env leaves gaps of 5-8 m where a
+roundabout's entries and exits meet the ring; `sample_road` bridges them with lane connectors
+(`ConnectorLane`) so centrelines join.
+
 Used by the scene generator (`sim_episode`) and by closed-loop evaluation: `ego_state(env)`,
 `export_vehicles(env, ...)`, `export_road(env, ...)`, `route_chain(...)`, `render_transform(env)`,
 `project_to_image(...)`.
@@ -338,6 +344,7 @@ def _simplify(points: np.ndarray) -> np.ndarray:
 
 
 ROUTE_JOIN_M = 1.0  # m, a lane leads into the next when its centreline ends this close to the next one's start
+ROUTE_TAIL_M = 150.0  # m, route lanes are cropped to the region grown by this (PDM-Closed looks 5 s ahead at 30 m/s)
 
 
 def _leads_into(a: LaneSamples, b: LaneSamples) -> bool:
@@ -407,8 +414,9 @@ def export_road(env_or_lanes, region: tuple[float, float, float, float] | None =
     """The schema's `map` struct for the road network, optionally cropped to `region` = (xmin, ymin, xmax, ymax).
 
     Lanes: centreline in driving direction and a polygon (left border + reversed right border). A lane
-    crossing the region is kept from its first to its last sample inside it; route lanes are kept whole (so
-    the route's centrelines stay joined). Areas: the union of the lane polygons of each road edge, kind
+    crossing the region is kept from its first to its last sample inside it; a route lane is cropped to the
+    region grown by ROUTE_TAIL_M, never dropped, and kept up to its ends where it joins the previous / next
+    route lane (so the route's centrelines stay joined). Areas: the union of the lane polygons of each road edge, kind
     "intersection" for junction edges and "roadblock" otherwise. `route` (lane ids in driving order, see
     `route_chain`) is kept as given; `on_route` marks every lane of every road segment (highway-env edge, the
     roadblock) on the route that runs in the same direction, as NAVSIM marks the lanes of its route's
@@ -421,14 +429,23 @@ def export_road(env_or_lanes, region: tuple[float, float, float, float] | None =
     in_route = set(route)
     route_lane = {ln.edge: ln for ln in lanes if ln.id in in_route}
     out_lanes, edge_polys, edge_inter = [], {}, {}
+    position = {r: k for k, r in enumerate(route)}
     for ln in lanes:
         on_route = ln.edge in route_lane and _same_direction(ln, route_lane[ln.edge])
         keep = slice(None)
-        if region is not None and ln.id not in in_route:
-            xmin, ymin, xmax, ymax = region
+        if region is not None:
+            k = position.get(ln.id)
+            grow = ROUTE_TAIL_M if k is not None else 0.0  # the route reaches past the region (planners look ahead)
+            xmin, ymin, xmax, ymax = region[0] - grow, region[1] - grow, region[2] + grow, region[3] + grow
             c = ln.center
             inside = (c[:, 0] >= xmin) & (c[:, 0] <= xmax) & (c[:, 1] >= ymin) & (c[:, 1] <= ymax)
             idx = np.flatnonzero(inside)
+            if k is not None:  # a route lane is never dropped, nor cut where it joins its route neighbours
+                idx = idx if len(idx) else np.arange(len(c))
+                if k > 0:
+                    idx = np.r_[0, idx]
+                if k < len(route) - 1:
+                    idx = np.r_[idx, len(c) - 1]
             if len(idx) == 0:
                 continue
             lo, hi = idx[0], idx[-1] + 1
