@@ -19,6 +19,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("import", "navsim"): ("datasets_cfg.sources.navsim", "convert OpenScene/NAVSIM log pickles into a ScenePool"),
     ("import", "coda"): ("datasets_cfg.sources.coda_lm", "convert CODA-LM annotation JSON into a ScenePool"),
     ("pool",): ("datasets_cfg.pool_cli", "summarise a ScenePool directory"),
+    ("skills",): ("datasets_cfg.skill_annotation", "annotate a pool's QA items and scenes with skills and report coverage"),
     ("presets",): ("mose.presets", "list model presets with total and activated parameter counts"),
     ("curate",): ("curation.cli", "select scenes for training (random, coreset, uncertainty, mosaic, sead, plan)"),
     ("train",): ("training.cli", "run the training stages (align, router pretraining, skill tuning)"),
