@@ -20,8 +20,8 @@
 
 Writes OUT/table.md, OUT/data_efficiency.png, OUT/results.json and prints the results as JSON. Every run
 (selection + test score) is cached as OUT/runs/<method>-<config hash>/seed<S>/b<B>.json, so a re-run resumes
-and a changed method configuration gets a fresh directory. `--quick`: a smoke run (two budgets' worth of small
-budgets, light method settings) for tests and CI.
+and a changed method configuration gets a fresh directory. `--quick`: a smoke run (300-scene pool, budgets 8-64,
+two seeds, light method settings) for tests and CI.
 
 Method configuration (CONFIG below; override any entry with --config YAML, one section per method + "pilot").
 Choices made on the validation split only are documented in CONFIG_NOTES and written into results.json.
@@ -184,12 +184,53 @@ def run_dir(out: Path, method: str, cfg: dict, splits: dict) -> Path:
     return out / "runs" / f"{method}-{digest([blob])[:10]}"
 
 
+def method_runs(m: str, ctx, test_pilot, budgets: list[int], seeds: list[int], d: Path, bar) -> list[dict]:
+    """Every (seed, budget) record of method `m`: read from `d` or computed (selection + test score) and cached there."""
+    from benchmarks.data_efficiency_methods import NESTED, select
+    from datasets_cfg.atomic import write_json
+
+    recs = []
+    for seed in seeds:
+        order = None
+        for b in budgets:
+            bar.set_postfix_str(f"{m} seed {seed} B={b}")
+            path = d / f"seed{seed}" / f"b{b}.json"
+            if path.is_file():
+                recs.append(json.loads(path.read_text()))
+                bar.update(1)
+                continue
+            ts = time.perf_counter()
+            if m in NESTED:  # one budget-independent ranking per seed; budget b = its first b scenes
+                opath = d / f"seed{seed}" / f"order_b{budgets[-1]}.json"
+                if order is None and opath.is_file():
+                    order = json.loads(opath.read_text())
+                if order is None:
+                    ids, state = select(m, ctx, budgets[-1], seed)
+                    order = {"ids": ids, "state": state, "select_s": time.perf_counter() - ts}
+                    write_json(opath, order)
+                ids, state = order["ids"][:b], order["state"]
+                sel_s = order["select_s"] if b == budgets[-1] else 0.0  # counted once per seed
+            else:
+                ids, state = select(m, ctx, b, seed)
+                sel_s = time.perf_counter() - ts
+            if len(ids) != b or len(set(ids)) != b or set(ids) & set(ctx.exclude):
+                raise RuntimeError(f"{m} (seed {seed}): expected {b} distinct training scenes, got {len(ids)} ids "
+                                   f"({len(set(ids))} distinct, {len(set(ids) & set(ctx.exclude))} held out)")
+            metrics = test_pilot.fit_and_score(ids)
+            rec = {"method": m, "seed": seed, "budget": b, "score": metrics["score"], "metrics": metrics, "select_s": sel_s,
+                   "state": state, "ids": ids}
+            write_json(path, rec)
+            recs.append(rec)
+            bar.update(1)
+    return recs
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from tqdm.auto import tqdm
 
     from benchmarks import data_efficiency_report as report
-    from benchmarks.data_efficiency_methods import NESTED, BenchPilot, Context, select
+    from benchmarks.data_efficiency_methods import BenchPilot, Context
     from datasets_cfg.atomic import write_json, write_text
 
     progress = not args.no_progress
@@ -224,41 +265,13 @@ def main(argv=None) -> dict:
     timings: dict[str, float] = {}
     bar = tqdm(total=len(methods) * len(seeds) * len(budgets), desc="data efficiency", unit="run", disable=not progress)
     for m in methods:
-        d = run_dir(out, m, cfg, splits)
         scores[m], mix[m], runs[m], timings[m] = {}, {}, [], 0.0
-        for seed in seeds:
-            order = None
-            for b in budgets:
-                bar.set_postfix_str(f"{m} seed {seed} B={b}")
-                path = d / f"seed{seed}" / f"b{b}.json"
-                if path.is_file():
-                    rec = json.loads(path.read_text())
-                else:
-                    ts = time.perf_counter()
-                    if m in NESTED:
-                        if order is None:
-                            opath = d / f"seed{seed}" / f"order_b{budgets[-1]}.json"
-                            if opath.is_file():
-                                order = json.loads(opath.read_text())
-                            else:
-                                ids, state = select(m, ctx, budgets[-1], seed)
-                                order = {"ids": ids, "state": state, "select_s": time.perf_counter() - ts}
-                                write_json(opath, order)
-                        ids, state, sel_s = order["ids"][:b], order["state"], order["select_s"] if b == budgets[-1] else 0.0
-                    else:
-                        ids, state = select(m, ctx, b, seed)
-                        sel_s = time.perf_counter() - ts
-                    if len(ids) != b or len(set(ids)) != b or set(ids) & set(ctx.exclude):
-                        raise RuntimeError(f"{m} (seed {seed}) returned {len(ids)} ids for budget {b} or held-out scenes")
-                    metrics = test_pilot.fit_and_score(ids)
-                    rec = {"method": m, "seed": seed, "budget": b, "score": metrics["score"], "metrics": metrics,
-                           "select_s": sel_s, "state": state, "ids": ids}
-                    write_json(path, rec)
-                scores[m].setdefault(b, []).append(float(rec["score"]))
-                mix[m].setdefault(b, []).append((np.mean([src[i] == "synthetic" for i in rec["ids"]]), np.mean([flag[i] for i in rec["ids"]])))
-                timings[m] += float(rec.get("select_s", 0.0))
-                runs[m].append({k: rec[k] for k in ("seed", "budget", "score", "select_s")} | {"state": rec.get("state", {})})
-                bar.update(1)
+        for rec in method_runs(m, ctx, test_pilot, budgets, seeds, run_dir(out, m, cfg, splits), bar):
+            b = rec["budget"]
+            scores[m].setdefault(b, []).append(float(rec["score"]))
+            mix[m].setdefault(b, []).append((np.mean([src[i] == "synthetic" for i in rec["ids"]]), np.mean([flag[i] for i in rec["ids"]])))
+            timings[m] += float(rec.get("select_s", 0.0))
+            runs[m].append({k: rec[k] for k in ("seed", "budget", "score", "select_s")} | {"state": rec.get("state", {})})
     bar.close()
 
     full = test_pilot.fit_and_score(splits["train"])
@@ -270,7 +283,8 @@ def main(argv=None) -> dict:
     table = report.table_markdown(summary, order, {"n": len(splits["train"]), "score": full["score"], "rollout": rollout}, composition)
     write_text(out / "table.md", table)
     png = report.plot(summary, order, out / "data_efficiency.png",
-                      f"fast pilot EPDMS on {len(splits['test'])} held-out real scenes, {len(seeds)} seeds")
+                      f"fast pilot EPDMS on {len(splits['test'])} held-out {args.test_source} scenes, {len(seeds)} seeds",
+                      {"untrained rollout": rollout, f"whole pool ({len(splits['train'])})": full["score"]})
     result = {
         "command": "python benchmarks/data_efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "pool": {"path": str(pool.root) if pool.root else None, "scenes": len(pool), "seconds": round(t_pool, 2)},

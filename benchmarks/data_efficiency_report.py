@@ -121,8 +121,9 @@ def table_markdown(summary: dict, order: list[str], full_score: dict | None = No
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, order: list[str], path, title: str = "") -> Path:
-    """PNG: score vs budget (log x) with ±std bands per method and random's target line; BRMR bars."""
+def plot(summary: dict, order: list[str], path, title: str = "", references: dict | None = None) -> Path:
+    """PNG: score vs budget (log x) with ±std bands per method, random's target line and `references` (name -> score,
+    grey dotted lines); BRMR per method with its bootstrap interval (log y)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,27 +143,37 @@ def plot(summary: dict, order: list[str], path, title: str = "") -> Path:
         a1.fill_between(bs, mu - sd, mu + sd, alpha=0.12, color=style["color"])
     t = summary["target"]
     a1.axhline(t["score"], color="black", ls="--", lw=0.8)
-    a1.text(min(int(b) for b in summary["methods"]["random"]["budgets"]), t["score"], f" random @ {t['budget']}", va="bottom", fontsize=7)
+    x0 = min(int(b) for b in summary["methods"]["random"]["budgets"])
+    a1.text(x0, t["score"], f" random @ {t['budget']}", va="bottom", fontsize=7)
+    x1 = max(int(b) for m in order for b in summary["methods"][m]["budgets"])
+    for k, (name, score) in enumerate((references or {}).items()):
+        a1.axhline(score, color="0.5", ls=":", lw=1.0)
+        a1.text(x1, score, f"{name} ", va="bottom" if k % 2 == 0 else "top", ha="right", fontsize=7, color="0.35")
     a1.set_xscale("log")
+    ticks = sorted({int(b) for m in order for b in summary["methods"][m]["budgets"]})
+    a1.set_xticks(ticks, [str(b) for b in ticks])
+    a1.minorticks_off()
     a1.set_xlabel("budget (training scenes)")
     a1.set_ylabel("EPDMS on the fixed test set")
     a1.set_title(title or "score vs budget (mean ± std over seeds)", fontsize=10)
     a1.legend(fontsize=7, ncol=2)
-    vals = [summary["methods"][m]["brmr"] for m in order]
-    colors = ["black" if m == "random" else cmap(k % 10) for k, m in enumerate(order)]
-    bars = a2.bar(range(len(order)), vals, color=colors, alpha=0.8)
-    for b, m in zip(bars, order):
+    # BRMR: a dot per method (triangle up: more than the value, down: at most), bootstrap interval as a line
+    for k, m in enumerate(order):
         row = summary["methods"][m]
+        color = "black" if m == "random" else cmap(k % 10)
+        marker = {"more_than": "^", "at_most": "v"}.get(row["bound"], "o")
+        a2.scatter([k], [row["brmr"]], color=color, marker=marker, s=45, zorder=3)
         ci = row.get("brmr_bootstrap_90")
         if ci:
-            x = b.get_x() + b.get_width() / 2
-            a2.plot([x, x], ci, color="0.3", lw=1)
-        a2.text(b.get_x() + b.get_width() / 2, b.get_height(), fmt_brmr(row), ha="center", va="bottom", fontsize=7)
+            a2.plot([k, k], ci, color=color, lw=1.2, alpha=0.7)
+        a2.annotate(fmt_brmr(row), (k, row["brmr"]), textcoords="offset points", xytext=(6, 0), fontsize=7, va="center")
     a2.axhline(1.0, color="black", lw=0.8)
     a2.axhline(0.5, color="tab:red", lw=0.8, ls=":")
+    a2.set_yscale("log")
     a2.set_xticks(range(len(order)), order, rotation=30, ha="right", fontsize=8)
-    a2.set_ylabel("BRMR (lower is better)")
-    a2.set_title("budget to reach random's best, relative to random", fontsize=10)
+    a2.set_xlim(-0.5, len(order) - 0.2)
+    a2.set_ylabel("BRMR (log scale, lower is better)")
+    a2.set_title(f"budget to reach random's score at B = {t['budget']}, relative to random\n(dotted: the 0.5 goal; lines: 90 % bootstrap)", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

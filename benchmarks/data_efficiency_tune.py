@@ -1,13 +1,14 @@
 """Choose MOSAIC's benchmark configuration WITHOUT the test set (nested split), for benchmarks/data_efficiency.py.
 
     python benchmarks/data_efficiency_tune.py --out runs/data_efficiency [--budgets 100,200] [--seeds 0,1]
+        [--domains kmeans4,location,source,location+source] [--importance high,low] [--repeats 1] [--name results]
 
 Uses the benchmark's pool and splits (OUT/splits.json; run data_efficiency.py once first, or it builds them).
 The test logs T are dropped entirely. Inner split: a feedback set F (real logs drawn from the training logs,
 same rule and size as the validation set) gives every variant's pilot its model feedback; each selection is
 scored on the benchmark's validation set V; the candidates are the training pool minus F. Random selection on
 the same candidates (3 seeds) is the reference. Criterion (OURS): the variant with the highest mean V score
-over the tuning budgets and seeds. Writes OUT/tune/results.json and prints it.
+over the tuning budgets and seeds. Writes OUT/tune/<name>.json and prints it.
 
 Variants: the domain definition (k-means on scene features with 4 clusters — the library default —, the
 environment `location`, the data `source`, or both) x the importance direction (high / low).
@@ -37,6 +38,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--domains", default=",".join(DOMAINS))
     ap.add_argument("--importance", default=",".join(IMPORTANCE))
+    ap.add_argument("--repeats", default="1", help="MOSAIC pilot_repeats values to try (pilot runs averaged over redrawn base sets)")
+    ap.add_argument("--name", default="results", help="writes OUT/tune/<name>.json")
     ap.add_argument("--no-progress", action="store_true")
     args, rest = ap.parse_known_args(argv)
 
@@ -62,13 +65,13 @@ def main(argv=None) -> dict:
     ref_budgets = sorted(set(budgets) | {2 * max(budgets)})
     ctx = Context(pool, {**splits, "val": list(splits["val"]) + list(outer["val"])}, fb_pilot, {}, progress=False)
     rows["random"] = {b: [score_pilot.fit_and_score(select("random", ctx, b, s)[0])["score"] for s in (0, 1, 2)] for b in ref_budgets}
-    variants = [(d, i) for d in args.domains.split(",") for i in args.importance.split(",")]
+    variants = [(d, i, r) for d in args.domains.split(",") for i in args.importance.split(",") for r in ints(args.repeats, "--repeats")]
     base_cfg = {k: v for k, v in CONFIG["mosaic"].items() if k not in ("n_domains", "domain_key", "importance")}
     allocations = {}
-    for d, imp in tqdm(variants, desc="MOSAIC variants", disable=args.no_progress):
-        name = f"{d}/{imp}"
+    for d, imp, rep in tqdm(variants, desc="MOSAIC variants", disable=args.no_progress):
+        name = f"{d}/{imp}" + (f"/repeats{rep}" if rep != 1 else "")
         ctx = Context(pool, {**splits, "val": list(splits["val"]) + list(outer["val"])}, fb_pilot,
-                      {"mosaic": {**base_cfg, **DOMAINS[d], "importance": imp}}, progress=False)
+                      {"mosaic": {**base_cfg, **DOMAINS[d], "importance": imp, "pilot_repeats": rep}}, progress=False)
         rows[name], allocations[name] = {}, {}
         for b in budgets:
             rows[name][b] = []
@@ -89,7 +92,7 @@ def main(argv=None) -> dict:
     res = {"criterion": "highest mean validation score over the tuning budgets and seeds", "budgets": budgets, "seeds": seeds,
            "sizes": {"candidates": len(splits["train"]), "feedback": len(splits["val"]), "score_set": len(outer["val"])},
            "variants": table, "chosen": best, "seconds": round(time.perf_counter() - t0, 1)}
-    write_json(Path(args.out) / "tune" / "results.json", res)
+    write_json(Path(args.out) / "tune" / f"{args.name}.json", res)
     return res
 
 

@@ -36,7 +36,8 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("de")
     pool = tiny_pool(root / "pool")
     argv = ["--out", str(root / "out"), "--pool", str(root / "pool"), "--quick", "--budgets", ",".join(map(str, BUDGETS)),
-            "--seeds", "0,1", "--test-size", "12", "--val-size", "12", "--no-progress"]
+            "--seeds", "0,1", "--test-size", "12", "--val-size", "12", "--no-progress",
+            "--methods", "random,coreset,uncertainty,mosaic,sead,semantic,autoscale"]
     return main(argv), root, pool, argv
 
 

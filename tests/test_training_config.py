@@ -153,3 +153,19 @@ def test_stage_subset_needs_earlier_stages_done(tmp_path, data, capsys):
     assert main(["train", "--config", str(TINY), "--pool", str(pool), "--manifests", str(manifests), "--output-dir", str(tmp_path),
                  "--deepspeed", "none", "--stages", "skill_tune", "--no-progress"]) == 2
     assert "comes before 'skill_tune'" in capsys.readouterr().err
+
+
+def test_partial_single_process_environment_is_completed(monkeypatch):
+    import os
+
+    from training.runner import ensure_distributed_env
+
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # left behind without RANK: must still give a one-process world
+    ensure_distributed_env()
+    assert os.environ["RANK"] == "0" and os.environ["LOCAL_RANK"] == "0" and os.environ["MASTER_ADDR"] == "127.0.0.1"
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.delenv("RANK")
+    with __import__("pytest").raises(RuntimeError, match="launcher"):
+        ensure_distributed_env()

@@ -33,12 +33,18 @@ def log(msg: str) -> None:
 
 def ensure_distributed_env() -> None:
     """A single process without a launcher: give DeepSpeed / torch.distributed a one-process world."""
-    if "WORLD_SIZE" in os.environ:
-        return
+    keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+    if all(k in os.environ for k in keys):
+        return  # a launcher (torchrun, deepspeed, accelerate) set the world up
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        missing = [k for k in keys if k not in os.environ]
+        raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {missing} are not set: start multi-process runs with a launcher")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+    defaults = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    for k, v in defaults.items():  # keep what a partial environment already says, fill the rest
+        os.environ.setdefault(k, v)
 
 
 def resolve_precision(precision: str) -> str:
