@@ -18,7 +18,6 @@ Generation goes through eval/coda_generate.Generator (the CODA evaluation's gene
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import tempfile
 from pathlib import Path
@@ -29,21 +28,6 @@ from mose.skill_format import NUM_POSES, parse_answer
 
 VIEW_METERS = 75.0  # the simulator render's field of view (datasets_cfg/sources/sim_render.py)
 ROAD, LINE, EGO, OTHER = (100, 100, 100), (255, 255, 255), (50, 200, 0), (100, 200, 255)
-
-
-@contextlib.contextmanager
-def generation_threads(n: int = 1):
-    """Run generation with `n` torch threads. Workaround: mose/moe.py's threaded "sort" expert dispatch fails under
-    torch.inference_mode (the flag is per thread, so its worker threads write into inference tensors outside it), and
-    eval/coda_generate.Generator decodes under inference_mode; with one thread the dispatch stays in the caller's thread."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def headings_from_xy(xy: np.ndarray, min_step: float = 0.05) -> np.ndarray:
@@ -165,8 +149,7 @@ class ModelPlanner:
         else:
             image, drawn = str(Path(self._tmp.name) / "frame.png"), True
             draw_topdown(scene, self.image_size).save(image)
-        with generation_threads():
-            answer = self.generator_.answer([{"question": hierarchical_prompt(scene.row), "image": image}])[0]
+        answer = self.generator_.answer([{"question": hierarchical_prompt(scene.row), "image": image}])[0]
         poses, info = answer_to_poses(answer, self.taxonomy)
         self.decisions_.append({"scene": scene.id, "image": "drawn" if drawn else image, "answer": answer, **info, "followed_last_plan": False})
         meta = scene.meta
@@ -180,4 +163,4 @@ class ModelPlanner:
             self._tmp.cleanup()
 
 
-__all__ = ["ModelPlanner", "answer_to_poses", "headings_from_xy", "draw_topdown", "generation_threads"]
+__all__ = ["ModelPlanner", "answer_to_poses", "headings_from_xy", "draw_topdown"]

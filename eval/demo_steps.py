@@ -250,7 +250,6 @@ def coda_eval(ctx, model_dir: Path, out: Path) -> dict:
     import argparse
 
     from eval import coda_lm
-    from eval.demo_planner import generation_threads
 
     e = ctx.cfg["evaluate"]
     argv = ["--annotations", str(ctx.step_dir("skills") / "heldout"), "--model", str(model_dir), "--out", str(out),
@@ -260,8 +259,7 @@ def coda_eval(ctx, model_dir: Path, out: Path) -> dict:
         argv += ["--judge-url", judge["url"], "--judge-model", judge["model"], "--judge-key-env", judge["key_env"]]
     parser = argparse.ArgumentParser()
     coda_lm.add_arguments(parser)
-    with generation_threads():
-        scores, code = coda_lm.evaluate(parser.parse_args(argv))
+    scores, code = coda_lm.evaluate(parser.parse_args(argv))
     return {"offline": scores["offline"], "judge": scores["judge"], "judge_scores": scores["judge_scores"], "counts": scores["counts"],
             "judge_endpoint_down": code != 0, "scores": _rel(ctx, out / "scores.json")}
 
@@ -290,7 +288,7 @@ def plan_eval(ctx, model_dir: Path, scenes, out: Path) -> dict:
     """The checkpoint's step-by-step answer per held-out scene -> trajectory -> EPDMS (unparseable = invalid row)."""
     from datasets_cfg.skill_items import hierarchical_prompt
     from eval.coda_generate import Generator, read_predictions_log
-    from eval.demo_planner import answer_to_poses, generation_threads
+    from eval.demo_planner import answer_to_poses
     from eval.navsim.predictions import write_predictions
 
     e = ctx.cfg["evaluate"]
@@ -301,9 +299,8 @@ def plan_eval(ctx, model_dir: Path, scenes, out: Path) -> dict:
         if not image:
             raise ValueError(f"held-out scene {s.id}: field 'images': expected an image of the current frame, got none")
         records.append({"question_id": s.id, "task": "planning", "question": hierarchical_prompt(s.row), "image": str(image[0])})
-    with generation_threads():
-        Generator(str(model_dir), batch_size=int(e["batch_size"]), max_new_tokens=int(e["plan_max_new_tokens"])).run(
-            records, out / "answers.jsonl", progress=ctx.progress)
+    Generator(str(model_dir), batch_size=int(e["batch_size"]), max_new_tokens=int(e["plan_max_new_tokens"])).run(
+        records, out / "answers.jsonl", progress=ctx.progress)
     answers = {k: v["answer"] for k, v in read_predictions_log(out / "answers.jsonl").items()}
     trajectories, reasons, parsed = {}, {}, []
     for s in scenes:
@@ -337,17 +334,15 @@ def routing_eval(ctx, model_dir: Path, out: Path) -> dict:
     items, _ = pool_items(ScenePool.load(ctx.step_dir("skills") / "heldout"), tax, kinds=("hierarchical",))
     ds, rep = build_skill_dataset(items, processor, tax, max_length=int(ctx.cfg["skills"]["max_length"]))
     model = MoSEForConditionalGeneration.from_pretrained(str(model_dir)).eval()
-    stored = list(model.config.skill_groups or {})
-    reordered = stored != tax.names and sorted(stored) == sorted(tax.names)
-    if reordered:  # config.json is written with sorted keys: put the groups back in taxonomy (skill id) order
-        model.config.skill_groups = {n: model.config.skill_groups[n] for n in tax.names}
+    if list(model.config.skill_groups or {}) != tax.names:
+        raise ValueError(f"{model_dir}/config.json: skill_groups must list the taxonomy's skills in skill-id order "
+                         f"{tax.names}, got {list(model.config.skill_groups or {})}")
     metrics = evaluate_routing(model, ds, SkillCollator(processor), tax, batch_size=int(ctx.cfg["evaluate"]["batch_size"]))
     png = usage_heatmap(metrics, tax, model.config.skill_groups, out / "routing_heatmap.png",
                         title=f"expert usage per skill (held-out)\ntop-1 in group: coarse {metrics.coarse_accuracy:.2f}, "
                               f"fine {metrics.fine_accuracy:.2f}")
     res = metrics.as_dict() | {"usage": metrics.usage.round(4).tolist(), "skills": tax.names, "items": len(ds),
-                               "skill_groups": model.config.skill_groups, "heatmap": _rel(ctx, png),
-                               "checkpoint_skill_order_differs": reordered}
+                               "skill_groups": model.config.skill_groups, "heatmap": _rel(ctx, png)}
     write_json(out / "routing.json", res)
     return res
 

@@ -344,10 +344,6 @@ def build_report(run_dir: str | Path, out_dir: str | Path) -> dict:
         if rt.get("usage"):
             figures["routing"] = str(plot_routing(rt, depth, figs / "routing_heatmap.png").relative_to(out))
             md.append(f"\n![routing heatmap per skill]({figures['routing']})\n\n")
-        if rt.get("checkpoint_skill_order_differs"):
-            md.append("**Note:** the checkpoint's `config.json` stores `skill_groups` in alphabetical order, not in skill-id order, so the "
-                      "stages after `align` (which load the previous stage's checkpoint) trained their routers against permuted expert "
-                      "groups; the accuracies above use the taxonomy's groups (the intended ones). Known issue, reported.\n\n")
         md.append("Cells: share of each skill's token choices (top-k, all MoE layers) per expert; the skill's own experts are outlined. "
                   "Source: `evaluate/routing/routing.json` (mose/router_pretrain.py `evaluate_routing`, from the routing trace).\n\n")
 
@@ -423,8 +419,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path) -> dict:
     md.append(table(["planner", "episodes", "crash rate", "offroad rate", "route completion", "progress (m)", "comfort", "EPDMS (executed)",
                      "planner failures", "model answers with a trajectory"], rows))
     md.append(f"Environments {', '.join(cl.get('envs', []))}, {fmt(cl.get('episodes'))} episode(s) of {fmt(cl.get('duration_s'), 1)} s per planner, same seeds "
-              f"for every planner; a decision every 0.5 s. The models answer every {fmt(_replan(cl))}-th decision and follow the rest of their "
-              "last plan in between. A decision without a readable trajectory is a planner failure: the ego brakes (eval/closed_loop.py). "
+              f"for every planner; a decision every 0.5 s. The models are asked every {fmt(_replan(cl))} decision(s) and follow the rest "
+              "of their last plan in between. A decision without a readable trajectory is a planner failure: the ego brakes (eval/closed_loop.py). "
               "The models' image is drawn from the observation's lanes and agents (closed-loop observations carry no render), "
               "which approximates the simulator renders they were trained on. Source: `closed_loop/results.json`, `closed_loop/<planner>.json`.\n\n")
     if ev.get("models"):

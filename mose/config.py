@@ -92,6 +92,9 @@ class MoSEConfig(PretrainedConfig):
             per-token `skill_labels` is the i-th key. Coarse skills (perception / prediction / planning) and fine skills
             live in the same map.
         skill_parents (`dict[str, str]`, *optional*): fine skill -> its coarse parent (both keys of `skill_groups`).
+        skill_order (`list[str]`, *optional*): the skill names in skill-id order. Filled in from `skill_groups` and
+            written to config.json, whose keys transformers sorts; on load, `skill_groups` is put back in this order so
+            skill id `i` keeps its expert group across save / load.
         dispatch (`str`): expert dispatch: "grouped_mm" (torch grouped matrix multiply over expert-sorted tokens),
             "sort" (the same sorted layout, experts run in parallel on CPU threads, one matmul per expert segment),
             "eager" (reference loop) or "auto" (grouped_mm on GPU; on CPU sort for large batches, grouped_mm for small).
@@ -116,6 +119,7 @@ class MoSEConfig(PretrainedConfig):
     skill_loss_coef: float = 1e-1
     skill_groups: dict[str, list[int]] | None = None
     skill_parents: dict[str, str] | None = None
+    skill_order: list[str] | None = None
     dispatch: str = "auto"
     capacity_factor: float | None = None
     tie_word_embeddings: bool = False
@@ -163,6 +167,14 @@ class MoSEConfig(PretrainedConfig):
         groups, parents = self.skill_groups or {}, self.skill_parents or {}
         if not isinstance(groups, dict) or not isinstance(parents, dict):
             raise ValueError("MoSEConfig.skill_groups / skill_parents: expected dicts (skill -> expert list, skill -> parent skill).")
+        if self.skill_order is not None:  # restore skill-id order (config.json sorts dict keys)
+            order = list(self.skill_order)
+            if sorted(order) != sorted(groups) or len(set(order)) != len(order):
+                raise ValueError(f"MoSEConfig.skill_order: expected each key of skill_groups exactly once, got {order!r} "
+                                 f"for skill_groups keys {sorted(groups)!r}.")
+            if list(groups) != order:
+                self.skill_groups = groups = {name: groups[name] for name in order}
+            self.skill_order = None  # consumed: to_dict writes the current order, so a later reassignment cannot go stale
         for skill, experts in groups.items():
             experts = list(experts) if isinstance(experts, (list, tuple)) else experts
             if not isinstance(experts, list) or not experts:
@@ -178,6 +190,12 @@ class MoSEConfig(PretrainedConfig):
                 raise ValueError(f"MoSEConfig.skill_parents[{child!r}] = {parent!r}: skills {missing} are not in skill_groups.")
             if child == parent:
                 raise ValueError(f"MoSEConfig.skill_parents[{child!r}]: a skill cannot be its own parent.")
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        # the skill order as it is now (skill_groups may have been reassigned since construction)
+        out["skill_order"] = list(self.skill_groups) if self.skill_groups else None
+        return out
 
     # ---- derived views ---------------------------------------------------------------------------------------
     def get_text_config(self, decoder=None, encoder=None) -> PretrainedConfig:

@@ -162,16 +162,35 @@ def test_save_load_round_trip_with_plain_transformers(tmp_path, config_fn):
         expected = model(**batch).logits
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
+    assert list(SKILLS) != sorted(SKILLS)  # config.json sorts keys: the skill-id order must survive that
     config = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(config, MoSEConfig) and config.skill_groups == SKILLS and config.skill_parents == PARENTS
+    assert list(config.skill_groups) == list(SKILLS) and config.skill_parent_ids() == model.config.skill_parent_ids()
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, MoSEForConditionalGeneration)
     saved, restored = model.state_dict(), loaded.state_dict()
     assert saved.keys() == restored.keys()
     for name in saved:
         assert torch.equal(saved[name], restored[name]), name
+    skill_labels = torch.randint(0, len(SKILLS), batch["input_ids"].shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, expected)
+        # skill id i still means the same expert group: identical skill losses and accuracies
+        before, after = model(**batch, skill_labels=skill_labels), loaded(**batch, skill_labels=skill_labels)
+    for name in ("skill_loss", "skill_accuracy"):
+        assert torch.equal(before.router_stats[name], after.router_stats[name]), name
+    # a reassigned map is saved in its new order, and a second round trip keeps it
+    loaded.config.skill_groups = dict(reversed(list(SKILLS.items())))
+    loaded.save_pretrained(tmp_path / "again")
+    assert list(AutoConfig.from_pretrained(tmp_path / "again").skill_groups) == list(reversed(list(SKILLS)))
+
+
+def test_skill_order_must_name_every_skill_once():
+    base = llava_config()
+    with pytest.raises(ValueError, match="skill_order"):
+        MoSEConfig(base_config=base, num_experts=4, skill_groups=SKILLS, skill_order=["planning", "perception"])
+    config = MoSEConfig(base_config=base, num_experts=4, skill_groups=SKILLS, skill_order=sorted(SKILLS))
+    assert list(config.skill_groups) == sorted(SKILLS)
 
 
 @pytest.mark.parametrize("config_fn", [llava_config, qwen2vl_config], ids=["llava", "qwen2vl"])

@@ -1,7 +1,7 @@
-"""Regression: generating under torch.inference_mode must not poison the CPU scratch buffers for later training."""
+"""Inference mode and the CPU expert threads: generation runs under torch.inference_mode, training does not."""
 import torch
 
-from mose.moe import clear_scratch
+from mose.moe import EXPERT_THREADS, MoSESparseBlock, clear_scratch
 from mose.presets import build_preset
 
 
@@ -16,3 +16,35 @@ def test_training_step_after_an_inference_mode_forward():
     out.loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_threaded_sort_dispatch_under_inference_mode_then_training(monkeypatch):
+    """The expert worker threads inherit the caller's inference mode, and their own scratch buffers stay writable
+    by a later training step; outputs equal the single-threaded reference."""
+    torch.manual_seed(0)
+    block = MoSESparseBlock(64, 96, num_experts=4, top_k=2, dispatch="sort")
+    x = torch.randn(2048, 64)
+    used = []
+    run = EXPERT_THREADS.run
+
+    def spy(fn, counts, device, *a, **k):
+        used.append(torch.get_num_threads())
+        return run(fn, counts, device, *a, **k)
+
+    monkeypatch.setattr(EXPERT_THREADS, "run", spy)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            expected = block(x)
+        torch.set_num_threads(2)  # the threaded path (2048 * 2 rows over 2 threads is above its work threshold)
+        with torch.inference_mode():
+            got = block(x)
+        assert got.is_inference()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        y = block(x.requires_grad_())  # training after inference, on the same worker threads and buffers
+        y.square().sum().backward()
+        assert torch.isfinite(x.grad).all() and block.experts.gate_up_proj.grad.abs().sum() > 0
+    finally:
+        torch.set_num_threads(old)
+    assert used == [1, 2, 2, 2]  # reference, inference, training forward, backward
