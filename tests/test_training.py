@@ -228,3 +228,72 @@ def test_interrupted_stage_resumes_exactly_without_deepspeed(tmp_path_factory, t
     assert [s for s, _ in losses(crashed)] == [1, 2, 3, 4]
     assert losses(crashed) == pytest.approx(losses(whole), rel=1e-6)
     assert max_diff(load_weights(crashed / "router_pretrain" / "final"), load_weights(whole / "router_pretrain" / "final")) < 1e-6
+
+
+_KILLED_CHILD = r"""
+import sys, time
+from pathlib import Path
+from transformers import TrainerCallback
+from tests.training_helpers import tiny_config
+from training.runner import run_training
+
+pool, manifests, out, marker, at = sys.argv[1:6]
+
+class WaitForKill(TrainerCallback):  # hold still at a known step (checkpoint-4 written, step 5 done) until killed
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == int(at):
+            Path(marker).write_text(str(state.global_step))
+            time.sleep(600)
+
+cfg = tiny_config(Path(out), Path(pool), Path(manifests), steps=6, only=("router_pretrain",))
+run_training(cfg, callbacks=[WaitForKill()], progress=False)
+"""
+
+
+def test_stage_killed_with_sigkill_resumes_to_the_same_end(tmp_path_factory, tmp_path):
+    """A real kill (SIGKILL to the training process, no exception handlers or atexit run) after step 5 of 6: the
+    rerun resumes from checkpoint-4 and ends at step 6 with a finite loss, the losses and weights of an uninterrupted
+    run, and one log row per step."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tests.training_helpers import max_diff
+    from training.runner import run_training
+
+    pool, manifests = session_pool(tmp_path_factory)
+    killed, whole, marker = tmp_path / "killed", tmp_path / "whole", tmp_path / "at_step"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(pool), str(manifests), str(killed), str(marker), "5"],
+                             cwd=root, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 540
+        while not marker.exists():
+            assert child.poll() is None, child.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the training child never reached step 5"
+            time.sleep(0.1)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait(60)
+    assert child.returncode == -signal.SIGKILL
+    stage = killed / "router_pretrain"
+    assert not (stage / "final").exists() and (stage / "checkpoint-4" / "trainer_state.json").is_file()
+
+    def cfg(out):
+        return tiny_config(out, pool, manifests, steps=6, only=("router_pretrain",))
+
+    summary = run_training(cfg(killed), progress=False)["stages"]["router_pretrain"]
+    assert summary["steps"] == 6 and summary["resumed_from"].endswith("checkpoint-4") and finite(summary["last_loss"])
+    run_training(cfg(whole), progress=False)
+
+    def losses(out):
+        rows = [json.loads(line) for line in (out / "router_pretrain" / "log.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in rows if "router" in r]
+
+    assert [s for s, _ in losses(killed)] == [1, 2, 3, 4, 5, 6]
+    assert losses(killed) == pytest.approx(losses(whole), rel=1e-6)
+    assert max_diff(load_weights(stage / "final"), load_weights(whole / "router_pretrain" / "final")) < 1e-6
