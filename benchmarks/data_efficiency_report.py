@@ -1,12 +1,13 @@
 """The data-efficiency summary: mean ± std per budget, BRMR per method, the markdown table and the plot.
 
-BRMR here (issue 11): the budget a method needs to reach random's mean score at the largest budget, relative
-to the budget random itself needs for that score (so random = 1 by definition; random needs exactly the
-largest budget when its mean curve rises to it). "Needed budget" = where the method's mean-over-seeds curve,
-made monotone by a running maximum, first reaches the target, interpolated linearly in log(budget) between
-the two budgets that bracket it: `curation.scaling.brmr` with the method's curve as the reference curve.
-Bounds: a method that never reaches the target needs more than its largest budget ("more_than"); one already
-at or above it at its smallest budget needs at most that ("at_most"). The paper-style per-budget BRMR (each
+BRMR here (issue 11, the paper's "budget relative to manual random"): the budget a method needs to reach random's
+mean score at the largest budget B_max, divided by B_max (the budget random used for that score), so random = 1 by
+definition. "Needed budget" = where the method's mean-over-seeds curve, made monotone by a running maximum, first
+reaches the target, interpolated linearly in log(budget) between the two budgets that bracket it:
+`curation.scaling.brmr` with the method's curve as the reference curve. Bounds: a method that never reaches the
+target needs more than its largest budget ("more_than"); one already at or above it at its smallest budget needs
+at most that ("at_most"). Random's own crossing is reported too: when it is far below B_max, random's curve is
+flat and every BRMR is small for that reason. The paper-style per-budget BRMR (each
 budget's score, the budget random needs for it) is `curation.scaling.brmr` as it is.
 """
 from __future__ import annotations
@@ -33,11 +34,11 @@ def needed_budget(budgets, scores, target: float, interpolation: str = "log") ->
     return {"budget": float(r["random_budget"]), "bound": None}
 
 
-def brmr_row(needed: dict, random_needed: float) -> dict:
-    """BRMR = needed / random's needed; a bound stays a bound ("more_than": BRMR > value, "at_most": BRMR <= value)."""
+def brmr_row(needed: dict, random_budget: float) -> dict:
+    """BRMR = needed / random's budget; a bound stays a bound ("more_than": BRMR > value, "at_most": BRMR <= value)."""
     if needed["bound"] == "more_than":
-        return {"brmr": needed["limit"] / random_needed, "bound": "more_than"}
-    return {"brmr": needed["budget"] / random_needed, "bound": needed["bound"]}
+        return {"brmr": needed["limit"] / random_budget, "bound": "more_than"}
+    return {"brmr": needed["budget"] / random_budget, "bound": needed["bound"]}
 
 
 def summarise(scores: dict[str, dict[int, list[float]]], interpolation: str = "log", bootstrap: int = 500,
@@ -58,16 +59,15 @@ def summarise(scores: dict[str, dict[int, list[float]]], interpolation: str = "l
         need = needed_budget(bs, means, target, interpolation)
         # random against itself is 1 by definition, even when its own needed budget is only bounded
         row = {"budgets": {str(b): stats(per[b]) for b in bs}, "needed": need,
-               **({"brmr": 1.0, "bound": None} if m == "random" else brmr_row(need, r_need))}
+               **({"brmr": 1.0, "bound": None} if m == "random" else brmr_row(need, rb[-1]))}
         row["per_budget_brmr"] = brmr(bs, means, rb, r_mean, interpolation)
         if bootstrap and min(len(per[b]) for b in bs) > 1:
             draws = []
             for _ in range(bootstrap):  # resample seeds of the method and of random independently
                 rs = [float(np.mean(rng.choice(scores["random"][b], len(scores["random"][b])))) for b in rb]
                 ms = rs if m == "random" else [float(np.mean(rng.choice(per[b], len(per[b])))) for b in bs]
-                rn = needed_budget(rb, rs, rs[-1], interpolation)["budget"]
                 nd = needed_budget(bs, ms, rs[-1], interpolation)
-                draws.append(1.0 if m == "random" else brmr_row(nd, rn)["brmr"])
+                draws.append(1.0 if m == "random" else brmr_row(nd, rb[-1])["brmr"])
             row["brmr_bootstrap_90"] = [float(np.quantile(draws, 0.05)), float(np.quantile(draws, 0.95))]
         out["methods"][m] = row
     return out
@@ -108,8 +108,10 @@ def table_markdown(summary: dict, order: list[str], full_score: dict | None = No
     lines.append("")
     lines.append(f"EPDMS of the fast pilot on the fixed test set, mean ± std over seeds. needed = training scenes a method needs "
                  f"to reach random's mean at B = {t['budget']} ({t['score']:.4f}) (running maximum of its mean curve, "
-                 f"log-interpolated); BRMR = needed / random's needed ({t['random_needed_budget']:.0f}); '> x': not reached "
-                 f"within the largest budget, '≤ x': reached at the smallest. 90 % interval: bootstrap over seeds.")
+                 f"log-interpolated); BRMR = needed / {t['budget']} (random's budget for that score; the paper's definition); '> x': "
+                 f"not reached within the largest budget, '≤ x': reached at the smallest. 90 % interval: bootstrap over seeds. "
+                 f"Random's own mean curve first reaches that score at {t['random_needed_budget']:.0f} scenes"
+                 + (": its curve is flat beyond that, which makes every BRMR here small." if t["random_needed_budget"] < 0.5 * t["budget"] else "."))
     if full_score:
         lines.append(f"Reference: the whole training pool ({full_score['n']} scenes) scores {full_score['score']:.4f}; "
                      f"the untrained constant-speed/yaw-rate rollout scores {full_score['rollout']:.4f}.")

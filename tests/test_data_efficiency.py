@@ -75,12 +75,13 @@ def test_table_and_brmr_match_the_runs(run):
     target = r_means[-1]
     assert res["target"]["score"] == pytest.approx(target)
     r_need, _ = needed(BUDGETS, r_means, target)
+    assert res["target"]["random_needed_budget"] == pytest.approx(r_need if r_need is not None else BUDGETS[0])
     assert res["methods"]["random"]["brmr"] == 1.0 and res["methods"]["random"]["brmr_bound"] is None
     for m in methods[1:]:
         nb, bound = needed(BUDGETS, [np.mean(runs[m][b]) for b in BUDGETS], target)
         got = res["methods"][m]
         assert got["brmr_bound"] == bound, m
-        expect = (BUDGETS[-1] if nb is None else nb) / r_need
+        expect = (BUDGETS[-1] if nb is None else nb) / BUDGETS[-1]  # relative to random's budget for the target
         assert got["brmr"] == pytest.approx(expect, rel=1e-9), m
     # the markdown table: header with every budget, one row per method with its mean ± std and BRMR
     lines = (out / "table.md").read_text().splitlines()
