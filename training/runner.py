@@ -141,7 +141,7 @@ def run_stage(cfg: TrainConfig, stage: str, model, processor, data, taxonomy, *,
             summary = {
                 "stage": stage, "steps": trainer.state.global_step, "train_loss": result.training_loss,
                 "last_loss": logs[-1]["loss"] if logs else None, "resumed_from": str(resume) if resume else None,
-                "precision": precision, "deepspeed": cfg.run.deepspeed, "trainable": table.rows, "trainable_groups": groups,
+                "precision": precision, "deepspeed": cfg.run.deepspeed, "world_size": trainer.args.world_size, "trainable": table.rows, "trainable_groups": groups,
                 "lora": None if st.lora is None else vars(st.lora), "losses": vars(st.losses), "manifest": str(data.manifest),
                 "scenes": len(data.scene_ids), "items": len(data), "data_report": data.report,
             }
