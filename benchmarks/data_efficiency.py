@@ -283,12 +283,15 @@ def main(argv=None) -> dict:
     bar.close()
 
     full = test_pilot.fit_and_score(splits["train"])
+    real_ids = [i for i in splits["train"] if src[i] == "real"]  # how much the synthetic scenes help or hurt
+    real_only = test_pilot.fit_and_score(real_ids)["score"] if real_ids else None
     rollout = test_pilot.rollout_score()
     summary = report.summarise(scores)
     order = [m for m in METHODS + EXTRA if m in methods]
     composition = {m: {str(b): {"synthetic_fraction": float(np.mean([x[0] for x in v])), "crash_or_near_miss_fraction": float(np.mean([x[1] for x in v]))}
                        for b, v in mix[m].items()} for m in order}
-    table = report.table_markdown(summary, order, {"n": len(splits["train"]), "score": full["score"], "rollout": rollout}, composition)
+    table = report.table_markdown(summary, order, {"n": len(splits["train"]), "score": full["score"], "rollout": rollout,
+                                                   "real_n": len(real_ids), "real_score": real_only}, composition)
     write_text(out / "table.md", table)
     png = report.plot(summary, order, out / "data_efficiency.png",
                       f"fast pilot EPDMS on {len(splits['test'])} held-out {args.test_source} scenes, {len(seeds)} seeds",
@@ -297,7 +300,7 @@ def main(argv=None) -> dict:
         "command": "python benchmarks/data_efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "pool": {"path": str(pool.root) if pool.root else None, "scenes": len(pool), "seconds": round(t_pool, 2)},
         "splits": splits["info"], "budgets": budgets, "seeds": seeds, "config": cfg, "config_notes": CONFIG_NOTES,
-        "target": summary["target"], "full_pool_score": full["score"], "constant_rollout_score": rollout,
+        "target": summary["target"], "full_pool_score": full["score"], "real_pool_score": real_only, "constant_rollout_score": rollout,
         "training_pool_synthetic_fraction": float(np.mean([src[i] == "synthetic" for i in splits["train"]])), "composition": composition,
         "methods": {m: {"brmr": summary["methods"][m]["brmr"], "brmr_bound": summary["methods"][m]["bound"],
                         "brmr_bootstrap_90": summary["methods"][m].get("brmr_bootstrap_90"),

@@ -113,7 +113,9 @@ def table_markdown(summary: dict, order: list[str], full_score: dict | None = No
                  f"Random's own mean curve first reaches that score at {t['random_needed_budget']:.0f} scenes"
                  + (": its curve is flat beyond that, which makes every BRMR here small." if t["random_needed_budget"] < 0.5 * t["budget"] else "."))
     if full_score:
-        lines.append(f"Reference: the whole training pool ({full_score['n']} scenes) scores {full_score['score']:.4f}; "
+        real = (f"its real scenes alone ({full_score['real_n']}) {full_score['real_score']:.4f}; "
+                if full_score.get("real_score") is not None else "")
+        lines.append(f"Reference: the whole training pool ({full_score['n']} scenes) scores {full_score['score']:.4f}; {real}"
                      f"the untrained constant-speed/yaw-rate rollout scores {full_score['rollout']:.4f}.")
     if composition:
         lines += ["", "Synthetic share of the selected scenes (mean over seeds):", "",

@@ -110,6 +110,14 @@ def test_splits_are_fixed_whole_real_logs(run):
     assert all(src[s] == "real" for s in test | val)
     held_logs = {meta[s] for s in test | val}
     assert not any(meta[s] in held_logs for s in train)  # whole logs only
+    # the references: the pilot on the whole training pool and on its real scenes only, refitted independently
+    from eval.pilot import FastPilot
+
+    pilot_cfg = {k: v for k, v in res["config"]["pilot"].items()}
+    ref = FastPilot(pool, sp["test"], **pilot_cfg)
+    assert res["full_pool_score"] == pytest.approx(ref.fit_and_score(sp["train"])["score"], abs=1e-12)
+    assert res["real_pool_score"] == pytest.approx(ref.fit_and_score([s for s in sp["train"] if src[s] == "real"])["score"], abs=1e-12)
+    assert f"{res['real_pool_score']:.4f}" in (root / "out" / "table.md").read_text()
 
 
 def test_rerun_resumes_from_the_cached_runs(run):
