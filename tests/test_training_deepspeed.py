@@ -62,9 +62,15 @@ def test_zero_runs_match_plain_pytorch(zero, tmp_path_factory, tmp_path):
     for stage in STAGES:
         assert _losses(tmp_path, stage) == pytest.approx(_losses(base_out, stage), rel=1e-5)
         plain = load_weights(base_out / stage / "final")
-        # float summation orders differ (and Adam rescales tiny gradients): agreement far below what training moved
-        moved = max_diff(plain, start)
-        assert 1e-4 < moved and max_diff(load_weights(tmp_path / stage / "final"), plain) < 0.02 * moved, stage
+        # float summation orders differ, and Adam turns a tiny gradient's rounding difference into up to a
+        # learning-rate-sized step (m / sqrt(v) ~ +-1): so a few weights may differ by a few % of the movement, while
+        # the bulk must agree far below it (a stage that trained the wrong weights would differ by ~100 %)
+        got = load_weights(tmp_path / stage / "final")
+        moved, diff = max_diff(plain, start), max_diff(got, plain)
+        assert 1e-4 < moved and diff < 0.1 * moved, (stage, diff, moved)
+        moved_sum = sum(float((plain[k].float() - start[k].float()).abs().sum()) for k in plain)
+        diff_sum = sum(float((got[k].float() - plain[k].float()).abs().sum()) for k in plain)
+        assert diff_sum < 1e-3 * moved_sum, (stage, diff_sum, moved_sum)
         start = plain
 
 
