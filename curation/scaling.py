@@ -190,7 +190,9 @@ def allocate(a, tau, budget: int, caps=None) -> dict:
         if total(lo_val) <= budget:  # every positive step fits
             alloc = _counts(lo_val, c, tau, a, caps)
         else:
-            lo, hi_l = math.log(lo_val), math.log(hi)  # total(e^lo) > budget >= total(e^hi_l)
+            # total(e^lo) > budget >= total(e^hi_l); the nudge keeps e^hi_l >= hi despite exp(log(x)) rounding below x
+            # (with tied top gains, total just below hi jumps past the budget)
+            lo, hi_l = math.log(lo_val), math.log(hi) + 1e-12
             for _ in range(200):
                 mid = 0.5 * (lo + hi_l)
                 if total(math.exp(mid)) > budget:

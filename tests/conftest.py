@@ -3,6 +3,13 @@ the single-process DeepSpeed set-up) must not change what the next test sees."""
 import os
 
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (a red CI must be reproducible); explore new ones with
+# `MOSE_HYPOTHESIS_PROFILE=explore python -m pytest tests`.
+settings.register_profile("deterministic", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("MOSE_HYPOTHESIS_PROFILE", "deterministic"))
 
 
 @pytest.fixture(autouse=True)

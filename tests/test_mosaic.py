@@ -56,6 +56,13 @@ def test_allocation_matches_brute_force_optimum(domains, data):
     assert np.all(np.diff(res["gain"]) <= 1e-15)
 
 
+def test_tied_top_gains_do_not_overshoot_the_budget():
+    # found by hypothesis: identical laws, one scene each, budget 1 (exp(log(x)) < x made both domains count)
+    for m, budget in ((2, 1), (3, 2), (4, 3)):
+        res = allocate([1.5] * m, [6.0] * m, budget, caps=[1] * m)
+        assert res["allocation"].sum() == budget and res["allocation"].tolist() == allocate_heap([1.5] * m, [6.0] * m, budget, [1] * m)[0].tolist()
+
+
 def test_water_filling_equals_heap_greedy_on_large_budgets():
     rng = np.random.default_rng(3)
     for _ in range(5):
