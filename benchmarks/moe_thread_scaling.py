@@ -4,6 +4,9 @@ For the three shapes of benchmarks/moe_layer.py, forward+backward seconds of our
 dense FFN with the same activated width, with 1 and with 2 torch threads (same weights and inputs as moe_layer.py,
 interleaved, medians). `ours_over_dense_tps` < 1 at 1 thread = extra work (routing, gather / scatter of the token
 rows, smaller per-expert matmuls); a 2-thread speedup below the dense one = the parts that do not parallelise.
+`weight_grad` gives, per contender, the MiB of parameter gradients one step creates and the seconds it takes to
+create them fresh (torch.empty + first write, 1 thread): each step sets .grad to None, as the benchmark and
+`zero_grad()` do, and a sparse block has E/k times the dense FFN's weights, so it pays more page faults for them.
 
     python benchmarks/moe_thread_scaling.py [--repeats 5]       # JSON to stdout
 """
@@ -44,6 +47,23 @@ def main(argv=None) -> dict:
             med = {n: statistics.median(v) for n, v in times.items()}
             out[f"{threads}_thread"] = {"mose_s": round(med["mose"], 4), "dense_s": round(med["dense"], 4),
                                         "ours_over_dense_tps": round(med["dense"] / med["mose"], 3)}
+        torch.set_num_threads(1)
+        out["weight_grad"] = {}
+        for n, b in blocks.items():
+            shapes = [p.shape for p in b.parameters()]
+
+            def fresh():
+                for shp in shapes:
+                    torch.empty(shp).fill_(1.0)
+
+            fresh()
+            t = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                fresh()
+                t.append(time.perf_counter() - t0)
+            out["weight_grad"][n] = {"mib": round(sum(p.numel() for p in b.parameters()) * 4 / 2**20, 1),
+                                     "fresh_s": round(statistics.median(t), 4)}
         out["speedup_1_to_2_threads"] = {n: round(out["1_thread"][f"{n}_s"] / out["2_thread"][f"{n}_s"], 2) for n in ("mose", "dense")}
         res["shapes"][",".join(map(str, shape))] = out
     return res
