@@ -204,6 +204,12 @@ def test_logs_have_per_layer_routing_statistics(run):
 # resume (plain PyTorch; the DeepSpeed resume is in test_training_deepspeed.py)
 
 
+def _router_pretrain_losses(out):
+    """(step, loss) of each logged training step of a run's router_pretrain stage."""
+    rows = [json.loads(line) for line in (out / "router_pretrain" / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "router" in r]
+
+
 def test_interrupted_stage_resumes_exactly_without_deepspeed(tmp_path_factory, tmp_path):
     """Router pretraining (skill-balanced sampler) crashes after step 3 of 4 -> resumes from checkpoint-2 to the same
     losses and weights as an uninterrupted run."""
@@ -215,10 +221,7 @@ def test_interrupted_stage_resumes_exactly_without_deepspeed(tmp_path_factory, t
     def cfg(out):
         return tiny_config(out, pool, manifests, steps=4, only=("router_pretrain",))
 
-    def losses(out):
-        rows = [json.loads(line) for line in (out / "router_pretrain" / "log.jsonl").read_text().splitlines()]
-        return [(r["step"], r["loss"]) for r in rows if "router" in r]
-
+    losses = _router_pretrain_losses
     crashed, whole = tmp_path / "crashed", tmp_path / "whole"
     with pytest.raises(FakeCrash):
         run_training(cfg(crashed), callbacks=[CrashAfter(3)], progress=False)
@@ -290,10 +293,7 @@ def test_stage_killed_with_sigkill_resumes_to_the_same_end(tmp_path_factory, tmp
     assert summary["steps"] == 6 and summary["resumed_from"].endswith("checkpoint-4") and finite(summary["last_loss"])
     run_training(cfg(whole), progress=False)
 
-    def losses(out):
-        rows = [json.loads(line) for line in (out / "router_pretrain" / "log.jsonl").read_text().splitlines()]
-        return [(r["step"], r["loss"]) for r in rows if "router" in r]
-
+    losses = _router_pretrain_losses
     assert [s for s, _ in losses(killed)] == [1, 2, 3, 4, 5, 6]
     assert losses(killed) == pytest.approx(losses(whole), rel=1e-6)
     assert max_diff(load_weights(stage / "final"), load_weights(whole / "router_pretrain" / "final")) < 1e-6

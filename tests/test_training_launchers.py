@@ -48,7 +48,7 @@ LAUNCHERS = {
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_process_launch_trains_a_stage_with_deepspeed(launcher, tmp_path_factory, tmp_path):
     """`<launcher> ... mose.cli train --config C.yaml --stages align`: a 2-process world (ZeRO-2), 3 steps, finite
-    losses, one final checkpoint that loads with plain transformers and whose trained projector moved."""
+    losses, one log row per step with both ranks' data, a final checkpoint that loads with plain transformers."""
     import torch
 
     from tests.training_helpers import load_weights
