@@ -7,7 +7,8 @@ A planner is any callable `planner(observation) -> (N, 3) poses` (x, y, heading 
 rear-axle frame at `interval`, 2*`interval`, ... s; NAVSIM's default 8 x 0.5 s). The observation is a
 `datasets_cfg.schema.Scene` of the current state built from the simulator with the sim source's own export
 functions: 1.5 s of ego / agent history at 2 Hz (current frame last, no future), the road network around
-the ego as lane and drivable-area polygons, and the route (the lane chain ahead of the ego).
+the ego as lane and drivable-area polygons, the route (the lane chain ahead of the ego), and the driving
+command read from the route (`datasets_cfg.sources.sim_safety.route_command`: left / straight / right).
 
 Every 0.5 s the planner is asked for a trajectory; the ego follows it for 0.5 s with NAVSIM's LQR tracker on
 the kinematic bicycle model (eval.navsim.simulate), whose states are written into highway-env's ego each
@@ -194,6 +195,7 @@ class _Episode:
     # ---- ScenePool rows
     def row(self, first: int, current: int, last: int, id: str) -> dict:
         from datasets_cfg.sources.sim_export import export_road
+        from datasets_cfg.sources.sim_safety import driving_command, route_command
 
         span = range(first, last + 1)
         ego = {k: [] for k in EGO_FIELDS}
@@ -212,6 +214,8 @@ class _Episode:
         meta = {"log_name": self.log_name, "timestamp_s": round(current * DT, 6), "env": self.name, "ego_size": self.size, "closed_loop": True}
         row = new_row(id, "sim", "closed_loop", source="synthetic", location=self.name, dt=DT, current_index=current - first, ego=ego,
                       agents=agents, map=export_road(self.lanes, region, route, env_name=self.name), meta=json.dumps(meta))
+        # the command a planner is given: from the driven future where the row has one (scoring), else from the route
+        row["command"] = driving_command(row) if last > current else route_command(row)
         validate_row(row, f"closed loop {id}")
         return row
 

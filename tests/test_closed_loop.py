@@ -78,3 +78,23 @@ def test_bad_arguments():
         run_closed_loop(constant_velocity_planner(), envs=("mars",), episodes=1)
     with pytest.raises(ValueError, match="at least one"):
         run_closed_loop(constant_velocity_planner(), envs=(), episodes=1)
+
+
+@pytest.mark.parametrize("yaw_rate, expected", [(0.0, "straight"), (0.02, "straight"), (0.2, "left"), (-0.2, "right")])
+def test_route_command_reads_the_route_ahead_like_the_future_based_command(yaw_rate, expected):
+    """A road that follows the ego's constant-yaw-rate path: the route turns by yaw_rate * 4 s over the 40 m the ego
+    covers in 4 s at 10 m/s; the route command (no future needed) equals the future-based command of the same row."""
+    from datasets_cfg.sources.sim_safety import driving_command, route_command
+    from tests.curation_helpers import scene_row
+
+    row = scene_row("s", speed=10.0, yaw_rate=yaw_rate)
+    assert route_command(row) == driving_command(row) == expected
+    cut = dict(row, map={**row["map"], "route": []})
+    assert route_command(cut) == "unknown"
+
+
+def test_closed_loop_observations_carry_the_route_command():
+    seen = Recorder(constant_velocity_planner())
+    run_closed_loop(seen, envs=("intersection",), episodes=1, seed=0, duration_s=4.0)
+    commands = [obs.row["command"] for obs in seen.seen]
+    assert set(commands) <= {"left", "straight", "right"} and "left" in commands  # this episode's route turns left

@@ -11,12 +11,17 @@ The crash flag itself comes from the simulator (`vehicle.crashed`), not from the
 Driving command: "left"/"right" when the ego heading turns by more than 0.35 rad (20 deg) over the future,
 or, without such a turn, when the ego ends the future more than 3 m to the side (a lane change); else
 "straight". (NAVSIM derives its command from the route; ours reads the ground-truth future.)
+Without a future (closed-loop observations), `route_command` reads the route instead: the same turn threshold on
+the route's heading change between the ego's position and the distance the ego covers in the same horizon at
+its current speed (at least `min_lookahead_m`). Lane changes are not inferred from the route.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from datasets_cfg.geometry import box_corners, global_to_local
+from datasets_cfg.geometry import box_corners, global_to_local, wrap_angle
 from datasets_cfg.sources.sim_export import REAR_AXLE_TO_CENTER
 
 NEAR_MISS_GAP_M = 1.0
@@ -95,3 +100,24 @@ def driving_command(row: dict) -> str:
     if end[1] < -LANE_CHANGE_M:
         return "right"
     return "straight"
+
+
+def route_command(row: dict, horizon_s: float = 4.0, min_lookahead_m: float = 10.0) -> str:
+    """left / straight / right from the route ahead of the ego (for rows without a future; see module doc)."""
+    from shapely import Point
+
+    from datasets_cfg.schema import Scene
+
+    line = Scene(row).route_centerline("ego")
+    if line is None or line.length < 1.0:
+        return "unknown"
+    speed = float(row["ego"]["speed"][int(row["current_index"])])
+    start = line.project(Point(0.0, 0.0))
+    end = min(start + max(speed * horizon_s, min_lookahead_m), line.length)
+
+    def heading(s: float) -> float:
+        a, b = line.interpolate(max(s - 1.0, 0.0)), line.interpolate(min(s + 1.0, line.length))
+        return math.atan2(b.y - a.y, b.x - a.x)
+
+    turn = wrap_angle(heading(end) - heading(start))
+    return "left" if turn > TURN_RAD else "right" if turn < -TURN_RAD else "straight"
