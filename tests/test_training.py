@@ -295,5 +295,6 @@ def test_stage_killed_with_sigkill_resumes_to_the_same_end(tmp_path_factory, tmp
 
     losses = _router_pretrain_losses
     assert [s for s, _ in losses(killed)] == [1, 2, 3, 4, 5, 6]
-    assert losses(killed) == pytest.approx(losses(whole), rel=1e-6)
+    # the killed steps ran in another process (its own thread pool): equal to float rounding, not bit for bit
+    assert [v for _, v in losses(killed)] == pytest.approx([v for _, v in losses(whole)], rel=1e-6)
     assert max_diff(load_weights(stage / "final"), load_weights(whole / "router_pretrain" / "final")) < 1e-6

@@ -5,8 +5,8 @@
   the preset's hub id; a local directory works offline) is upcycled with the preset's MoE options and the skill
   taxonomy's expert groups; its own processor.
 - `model.preset` without one ("tiny"): random init; its processor is a byte-level BPE tokenizer trained on the
-  run's own item texts (ChatML template, `<image>` placeholder) + a SigLIP image processor + `LlavaProcessor`,
-  and the preset's vocabulary and image token follow that tokenizer. It is saved in `<output_dir>/processor` and
+  run's own item texts (`mose.skill_tokenizer`: ChatML template, the image token on the preset's image id) + a
+  SigLIP image processor + `LlavaProcessor`; the preset's vocabulary and special ids follow that tokenizer. It is saved in `<output_dir>/processor` and
   reused on resume, so every stage and every checkpoint speaks the same tokens.
 """
 from __future__ import annotations
@@ -15,32 +15,13 @@ from pathlib import Path
 
 from training.config import ConfigError
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]  # pad 0, bos 1, eos 2: the tiny preset's ids
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+def train_processor(texts, base):
+    """A LlavaProcessor around a byte-level BPE trained on `texts`, sized for the random-init base config `base`
+    (its vocabulary, image token id and image size): `mose.skill_tokenizer`, the same builder the skill dataset uses."""
+    from mose.skill_tokenizer import llava_processor_for, train_chat_tokenizer
 
-
-def train_processor(texts, *, vocab_size: int = 2048, image_size: int = 32, patch_size: int = 8):
-    """A LlavaProcessor whose tokenizer is a byte-level BPE trained on `texts` (deterministic for the same texts)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlavaProcessor, PreTrainedTokenizerFast, SiglipImageProcessor
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(list(texts), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   extra_special_tokens={"image_token": "<image>"})
-    fast.chat_template = CHATML
-    ip = SiglipImageProcessor(size={"height": image_size, "width": image_size})
-    return LlavaProcessor(image_processor=ip, tokenizer=fast, patch_size=patch_size, vision_feature_select_strategy="full",
-                          chat_template=CHATML)
+    tok = train_chat_tokenizer(list(texts), base.text_config.vocab_size, image_token_id=base.image_token_id)
+    return llava_processor_for(base, tok)
 
 
 def item_texts(items_by_stage: dict) -> list[str]:
@@ -77,9 +58,7 @@ def initial_processor(cfg, items_by_stage: dict, processor_dir: Path):
     preset = _preset(cfg)
     if preset.hub_id is not None:
         return load_processor(m.preset_args.get("base", preset.hub_id))
-    v = base_config(m.preset).vision_config
-    return train_processor(item_texts(items_by_stage), vocab_size=base_config(m.preset).text_config.vocab_size,
-                           image_size=v.image_size, patch_size=v.patch_size)
+    return train_processor(item_texts(items_by_stage), base_config(m.preset))
 
 
 def _preset(cfg):
