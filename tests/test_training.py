@@ -11,13 +11,7 @@ import torch
 from tests.training_helpers import STAGES, baseline_run, changed, finite, load_weights, session_pool, tiny_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny matrices on a shared 2-core machine: intra-op threads only contend
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

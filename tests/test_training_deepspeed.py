@@ -6,19 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from transformers import TrainerCallback
 
 from tests.training_helpers import (STAGES, ZERO2, ZERO3, CrashAfter, FakeCrash, baseline_run, finite, initial_weights, load_weights, max_diff,
                                     session_pool, tiny_config)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ZeroProbe(TrainerCallback):
