@@ -93,18 +93,9 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def load_overrides(path: str | None) -> dict:
-    if not path:
-        return {}
-    import yaml
+    from curation.cli import load_sections
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: config file not found")
-    cfg = yaml.safe_load(p.read_text()) or {}
-    bad = sorted(set(cfg) - set(CONFIG))
-    if bad or not all(isinstance(v, dict) for v in cfg.values()):
-        raise ValueError(f"{p}: expected sections from {sorted(CONFIG)} holding mappings of parameters, got {sorted(cfg)}")
-    return cfg
+    return load_sections(path, CONFIG, error=ValueError)
 
 
 def ints(text: str, what: str) -> list[int]:

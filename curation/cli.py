@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         plan_cli.register(parser)
 
 
-def load_config(path: str | None) -> dict:
+def load_sections(path: str | None, allowed, error=SelectionError) -> dict:
+    """A YAML file of named sections, each a mapping of parameters; `allowed` names the sections it may hold."""
     if not path:
         return {}
     import yaml
@@ -66,15 +67,19 @@ def load_config(path: str | None) -> dict:
         raise FileNotFoundError(f"{p}: config file not found")
     cfg = yaml.safe_load(p.read_text()) or {}
     if not isinstance(cfg, dict):
-        raise SelectionError(f"{p}: expected a mapping of sections (method names, 'pilot'), got {type(cfg).__name__}")
-    allowed = set(METHODS) | {"pilot", "feedback"}  # feedback: AutoScale's closed-loop evaluator (plan_cli.feedback_factory)
-    bad = sorted(set(cfg) - allowed)
+        raise error(f"{p}: expected a mapping of sections ({', '.join(sorted(allowed))}), got {type(cfg).__name__}")
+    bad = sorted(set(cfg) - set(allowed))
     if bad:
-        raise SelectionError(f"{p}: unknown section(s) {bad}; expected some of {sorted(allowed)}")
+        raise error(f"{p}: unknown section(s) {bad}; expected some of {sorted(allowed)}")
     for name, section in cfg.items():
         if not isinstance(section, dict):
-            raise SelectionError(f"{p}: section {name!r}: expected a mapping of parameters, got {section!r}")
+            raise error(f"{p}: section {name!r}: expected a mapping of parameters, got {section!r}")
     return cfg
+
+
+def load_config(path: str | None) -> dict:
+    # feedback: AutoScale's closed-loop evaluator (plan_cli.feedback_factory)
+    return load_sections(path, set(METHODS) | {"pilot", "feedback"})
 
 
 def build_selector(method: str, params: dict, seed: int | None, progress: bool, where: str = "config"):
