@@ -133,7 +133,7 @@ def plot(summary: dict, order: list[str], path, title: str = "", references: dic
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from datasets_cfg.atomic import atomic_path
+    from datasets_cfg.atomic import save_figure
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1.7, 1]})
     cmap = plt.get_cmap("tab10")
@@ -179,9 +179,4 @@ def plot(summary: dict, order: list[str], path, title: str = "", references: dic
     a2.set_ylabel("BRMR (log scale, lower is better)")
     a2.set_title(f"budget to reach random's score at B = {t['budget']}, relative to random\n(dotted: the 0.5 goal; lines: 90 % bootstrap)", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -439,7 +439,7 @@ def plot_rounds(rounds: list[dict], cells: list[dict], path: str | os.PathLike) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from datasets_cfg.atomic import atomic_path
+    from datasets_cfg.atomic import save_figure
 
     R = len(rounds)
     counts = np.array([r["counts"] for r in rounds], float)
@@ -469,9 +469,4 @@ def plot_rounds(rounds: list[dict], cells: list[dict], path: str | os.PathLike) 
     a2.set_xlabel("round")
     a2.set_xticks(x)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

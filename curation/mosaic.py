@@ -310,7 +310,7 @@ def plot_mosaic(names, fits, points, allocation, sizes, out_dir) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from datasets_cfg.atomic import atomic_path
+    from datasets_cfg.atomic import save_figure
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -327,11 +327,7 @@ def plot_mosaic(names, fits, points, allocation, sizes, out_dir) -> dict:
     ax.set_title(r"MOSAIC: pilot points, fitted $\Delta U(n) = a(1 - e^{-n/\tau})$, allocation (dotted)", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    paths = {}
-    with atomic_path(out_dir / "mosaic_fits.png", suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    paths["fits"] = str(out_dir / "mosaic_fits.png")
-    plt.close(fig)
+    paths = {"fits": str(save_figure(fig, out_dir / "mosaic_fits.png"))}
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     x = np.arange(len(names))
     ax.bar(x - 0.2, sizes, 0.4, label="domain size", color="0.75")
@@ -341,8 +337,5 @@ def plot_mosaic(names, fits, points, allocation, sizes, out_dir) -> dict:
     ax.set_title(f"MOSAIC allocation of {int(np.sum(allocation))} scenes")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(out_dir / "mosaic_allocation.png", suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    paths["allocation"] = str(out_dir / "mosaic_allocation.png")
-    plt.close(fig)
+    paths["allocation"] = str(save_figure(fig, out_dir / "mosaic_allocation.png"))
     return paths

@@ -702,7 +702,7 @@ def write_coverage(rows: list[dict], out: Path, stages: list[str]) -> tuple[Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from datasets_cfg.atomic import atomic_path, write_text
+    from datasets_cfg.atomic import save_figure, write_text
 
     lines = ["stage,skill,source,environment,selected,available"]
     lines += [f"{r['stage']},{r['skill']},{r['source']},{r['environment']},{r['selected']},{r['available']}" for r in rows]
@@ -736,8 +736,4 @@ def write_coverage(rows: list[dict], out: Path, stages: list[str]) -> tuple[Path
     fig.tight_layout()
     md = out / "coverage.md"
     write_text(md, "".join(md_parts))
-    png = out / "coverage.png"
-    with atomic_path(png, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return csv, md, png
+    return csv, md, save_figure(fig, out / "coverage.png")

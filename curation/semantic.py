@@ -282,7 +282,7 @@ def plot_embedding_map(Z: np.ndarray, color: np.ndarray, path: str | os.PathLike
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from datasets_cfg.atomic import atomic_path
+    from datasets_cfg.atomic import save_figure
 
     Z = np.asarray(Z, float)
     if method == "tsne" and len(Z) > 4:
@@ -305,11 +305,7 @@ def plot_embedding_map(Z: np.ndarray, color: np.ndarray, path: str | os.PathLike
     ax.set_xlabel(f"{method.upper()} 1")
     ax.set_ylabel(f"{method.upper()} 2")
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------

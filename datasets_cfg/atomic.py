@@ -35,6 +35,17 @@ def write_text(target: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def save_figure(fig, target: str | os.PathLike, dpi: int = 110) -> Path:
+    """Write a matplotlib figure as PNG (atomically) and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    target = Path(target)
+    with atomic_path(target, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    return target
+
+
 def write_json(target: str | os.PathLike, obj, indent: int | None = 2) -> None:
     write_text(target, json.dumps(obj, indent=indent, sort_keys=False, default=_json_default) + "\n")
 

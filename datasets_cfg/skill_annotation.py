@@ -33,7 +33,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from datasets_cfg.atomic import atomic_path, write_text
+from datasets_cfg.atomic import atomic_path, save_figure, write_text
 from datasets_cfg.geometry import global_to_local, wrap_angle
 from datasets_cfg.schema import Scene, ScenePool
 from mose.skill_format import TRAJECTORY_SKILL, Segment, format_trajectory, parse_trajectory
@@ -562,11 +562,7 @@ def coverage_heatmap(table: list[dict], path: str | Path, title: str = "scenes p
     fig.colorbar(im, ax=ax)
     ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -91,11 +91,9 @@ def plot_scores(scores: dict, path: Path) -> None:
         ax.set_title(title)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    from datasets_cfg.atomic import atomic_path
+    from datasets_cfg.atomic import save_figure
 
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def evaluate(args) -> tuple[dict, int]:

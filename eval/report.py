@@ -47,15 +47,9 @@ def _load(path: Path) -> dict:
 
 
 def _save(fig, path: Path) -> Path:
-    from datasets_cfg.atomic import atomic_path
+    from datasets_cfg.atomic import save_figure
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _plt():
