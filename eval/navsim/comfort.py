@@ -64,14 +64,8 @@ def center_accel_x(states: np.ndarray, vehicle: VehicleParams) -> np.ndarray:
     return states[..., AX] + vehicle.rear_axle_to_center * (states[..., YAW_RATE] ** 2 + states[..., YAW_ACCEL])
 
 
-def comfort_checks_v2(states: np.ndarray, dt: float, vehicle: VehicleParams, cp: ComfortParams) -> np.ndarray:
-    """(B, T, 11) -> (B, 6) bools: lon accel, lat accel, jerk, lon jerk, yaw accel, yaw rate within bounds."""
-    ax = _r(_sg(center_accel_x(states, vehicle), 8, 2))
-    ay = _r(_sg(states[..., AY], 8, 2))
-    mag = _r(_sg(np.hypot(states[..., AX], states[..., AY]), 8, 2))
-    jerk = _r(_sg(mag, 15, 2, 1, dt))
-    lon_jerk = _r(_sg(ax, 15, 2, 1, dt))
-    yaw_rate, yaw_accel = _yaw(states, dt)
+def _six_checks(cp: ComfortParams, ax, ay, jerk, lon_jerk, yaw_accel, yaw_rate) -> np.ndarray:
+    """(B, 6) bools: each filtered signal within its bound over the whole window."""
     return np.stack([
         _within(ax, cp.min_lon_accel, cp.max_lon_accel),
         _within(ay, -cp.max_abs_lat_accel, cp.max_abs_lat_accel),
@@ -80,6 +74,17 @@ def comfort_checks_v2(states: np.ndarray, dt: float, vehicle: VehicleParams, cp:
         _within(yaw_accel, -cp.max_abs_yaw_accel, cp.max_abs_yaw_accel),
         _within(yaw_rate, -cp.max_abs_yaw_rate, cp.max_abs_yaw_rate),
     ], axis=-1)
+
+
+def comfort_checks_v2(states: np.ndarray, dt: float, vehicle: VehicleParams, cp: ComfortParams) -> np.ndarray:
+    """(B, T, 11) -> (B, 6) bools: lon accel, lat accel, jerk, lon jerk, yaw accel, yaw rate within bounds."""
+    ax = _r(_sg(center_accel_x(states, vehicle), 8, 2))
+    ay = _r(_sg(states[..., AY], 8, 2))
+    mag = _r(_sg(np.hypot(states[..., AX], states[..., AY]), 8, 2))
+    jerk = _r(_sg(mag, 15, 2, 1, dt))
+    lon_jerk = _r(_sg(ax, 15, 2, 1, dt))
+    yaw_rate, yaw_accel = _yaw(states, dt)
+    return _six_checks(cp, ax, ay, jerk, lon_jerk, yaw_accel, yaw_rate)
 
 
 def comfort_checks_v1(states: np.ndarray, dt: float, cp: ComfortParams) -> np.ndarray:
@@ -91,14 +96,7 @@ def comfort_checks_v1(states: np.ndarray, dt: float, cp: ComfortParams) -> np.nd
     jerk = _r(_sg(mag, T, 2, 1, dt))
     lon_jerk = _r(_sg(_r(_sg(states[..., AX], 8, 2)), T, 2, 1, dt))
     yaw_rate, yaw_accel = _yaw(states, dt)
-    return np.stack([
-        _within(ax, cp.min_lon_accel, cp.max_lon_accel),
-        _within(ay, -cp.max_abs_lat_accel, cp.max_abs_lat_accel),
-        _within(jerk, -cp.max_abs_mag_jerk, cp.max_abs_mag_jerk),
-        _within(lon_jerk, -cp.max_abs_lon_jerk, cp.max_abs_lon_jerk),
-        _within(yaw_accel, -cp.max_abs_yaw_accel, cp.max_abs_yaw_accel),
-        _within(yaw_rate, -cp.max_abs_yaw_rate, cp.max_abs_yaw_rate),
-    ], axis=-1)
+    return _six_checks(cp, ax, ay, jerk, lon_jerk, yaw_accel, yaw_rate)
 
 
 def history_comfort(states: np.ndarray, history: np.ndarray, dt: float, vehicle: VehicleParams, cp: ComfortParams) -> np.ndarray:
