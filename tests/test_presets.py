@@ -2,7 +2,6 @@
 and the `mose presets` command."""
 import argparse
 import json
-import time
 
 import pytest
 import torch
@@ -21,11 +20,8 @@ def meta_numel(config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def test_tiny_preset_builds_fast_with_a_few_million_parameters():
-    build_preset("tiny")  # first call pays the transformers imports
-    t0 = time.perf_counter()
-    model = build_preset("tiny")
-    assert time.perf_counter() - t0 < 2.0
+def test_tiny_preset_builds_with_a_few_million_parameters():
+    model = build_preset("tiny")  # its build time is measured by benchmarks/, not asserted here
     n = sum(p.numel() for p in model.parameters())
     assert 1_000_000 < n < 10_000_000
     assert count_parameters(model.config)["total"] == n
