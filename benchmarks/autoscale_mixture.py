@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     }
     text = json.dumps(result, indent=1)
     if args.out:
-        from datasets_cfg.atomic import write_text
+        from common.atomic import write_text
 
         write_text(args.out, text + "\n")
     print(text)

@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     text = json.dumps(res, indent=2)
     print(text)
     if args.out:
-        from datasets_cfg.atomic import write_text
+        from common.atomic import write_text
 
         write_text(args.out, text + "\n")
     return 0

@@ -160,7 +160,7 @@ def get_pool(args, progress: bool):
 
 def get_splits(pool, args, out: Path) -> dict:
     from benchmarks.data_efficiency_methods import digest, make_splits
-    from datasets_cfg.atomic import write_json
+    from common.atomic import write_json
 
     key = {"pool": digest(pool.ids), "test_size": args.test_size, "val_size": args.val_size, "source": args.test_source,
            "split_seed": args.split_seed}
@@ -186,7 +186,7 @@ def run_dir(out: Path, method: str, cfg: dict, splits: dict) -> Path:
 def method_runs(m: str, ctx, test_pilot, budgets: list[int], seeds: list[int], d: Path, bar) -> list[dict]:
     """Every (seed, budget) record of method `m`: read from `d` or computed (selection + test score) and cached there."""
     from benchmarks.data_efficiency_methods import NESTED, select
-    from datasets_cfg.atomic import write_json
+    from common.atomic import write_json
 
     recs = []
     for seed in seeds:
@@ -230,7 +230,7 @@ def main(argv=None) -> dict:
 
     from benchmarks import data_efficiency_report as report
     from benchmarks.data_efficiency_methods import BenchPilot, Context
-    from datasets_cfg.atomic import write_json, write_text
+    from common.atomic import write_json, write_text
 
     progress = not args.no_progress
     out = Path(args.out)

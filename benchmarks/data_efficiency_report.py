@@ -133,7 +133,7 @@ def plot(summary: dict, order: list[str], path, title: str = "", references: dic
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from datasets_cfg.atomic import save_figure
+    from common.atomic import save_figure
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1.7, 1]})
     cmap = plt.get_cmap("tab10")

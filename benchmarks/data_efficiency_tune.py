@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
 
     from benchmarks.data_efficiency import CONFIG, get_pool, get_splits, ints, parse_args
     from benchmarks.data_efficiency_methods import BenchPilot, Context, make_splits, select
-    from datasets_cfg.atomic import write_json
+    from common.atomic import write_json
 
     bargs = parse_args(["--out", args.out, *rest])
     pool = get_pool(bargs, not args.no_progress)

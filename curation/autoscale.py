@@ -439,7 +439,7 @@ def plot_rounds(rounds: list[dict], cells: list[dict], path: str | os.PathLike) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from datasets_cfg.atomic import save_figure
+    from common.atomic import save_figure
 
     R = len(rounds)
     counts = np.array([r["counts"] for r in rounds], float)

@@ -21,9 +21,9 @@ import inspect
 import sys
 from pathlib import Path
 
+from curation.autoscale import AutoScaleSelector
 from curation.baselines import CoresetSelector, RandomSelector, UncertaintySelector
 from curation.mosaic import MOSAIC
-from curation.autoscale import AutoScaleSelector
 from curation.sead import SEAD
 from curation.selection import PilotError, SelectionError
 from curation.semantic import SemanticSelector
@@ -60,12 +60,12 @@ def load_sections(path: str | None, allowed, error=SelectionError) -> dict:
     """A YAML file of named sections, each a mapping of parameters; `allowed` names the sections it may hold."""
     if not path:
         return {}
-    import yaml
+    from common.yaml_file import read_yaml
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: config file not found")
-    cfg = yaml.safe_load(p.read_text()) or {}
+    cfg = read_yaml(p, what="config file", expect=object, error=error) or {}
     if not isinstance(cfg, dict):
         raise error(f"{p}: expected a mapping of sections ({', '.join(sorted(allowed))}), got {type(cfg).__name__}")
     bad = sorted(set(cfg) - set(allowed))
@@ -114,8 +114,8 @@ def make_pilot(pool, params: dict, seed: int | None, where: str = "config"):
 
 
 def run(args) -> int:
-    from datasets_cfg.schema import SchemaError, ScenePool
     from curation.features import FeatureError
+    from datasets_cfg.schema import ScenePool, SchemaError
 
     if getattr(args, "plan", None):
         from curation import plan_cli

@@ -18,8 +18,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from datasets_cfg.atomic import atomic_path, write_json
-from datasets_cfg.geometry import global_to_local, rotate_vectors, wrap_angle
+from common.atomic import atomic_path, write_json
+from common.errors import MoseError
+from common.geometry import global_to_local, rotate_vectors, wrap_angle
 from datasets_cfg.schema import Scene
 
 META_KEYS = ("weather", "lighting", "location", "command", "source", "dataset")
@@ -28,7 +29,7 @@ AGENT_SET_NAMES = ("x", "y", "vx", "vy", "cos_heading", "sin_heading", "length",
 MAP_SET_NAMES = ("x", "y", "cos_direction", "sin_direction")
 
 
-class FeatureError(ValueError):
+class FeatureError(MoseError, ValueError):
     """A feature could not be computed or is not finite; the message names the scene and the feature."""
 
 

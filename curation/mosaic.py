@@ -37,8 +37,7 @@ from tqdm.auto import tqdm
 from curation.features import resolve_features
 from curation.scaling import DomainFit, allocate, fit_saturating, predicted_gain, saturating
 from curation.scores import align_scores
-from curation.selection import (PilotError, PilotTrainer, SampleScorer, Selection, SelectionError, Selector, check_budget,
-                                pool_info, run_pilot)
+from curation.selection import PilotError, PilotTrainer, SampleScorer, Selection, SelectionError, Selector, check_budget, pool_info, run_pilot
 
 
 def domains_from_key(pool, key: str, ids_idx: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
@@ -310,7 +309,7 @@ def plot_mosaic(names, fits, points, allocation, sizes, out_dir) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from datasets_cfg.atomic import save_figure
+    from common.atomic import save_figure
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -44,16 +44,17 @@ from typing import Any, Callable
 
 import numpy as np
 
+from common.constants import STAGE_ORDER as STAGES  # the training stages, in order
+from common.errors import MoseError
 from curation.selection import Selection
 
-STAGES = ("align", "router_pretrain", "skill_tune")  # the training stages (training/stages.py), in order
 TOP_KEYS = {"name", "description", "pools", "seed", "skills_fallback", "taxonomy", "stages"}
 STAGE_KEYS = {"pools", "method", "params", "budget", "real_fraction", "ratio", "skills", "filter", "exclude_stages", "scores",
               "predictions", "pilot", "feedback", "description"}
 SKILL_KEYS = {"min", "target"}
 
 
-class PlanError(ValueError):
+class PlanError(MoseError, ValueError):
     """The plan cannot run: the message names the YAML file, the key and what was expected."""
 
 
@@ -135,17 +136,13 @@ def load_plan(path: str | os.PathLike, pool_overrides: dict[str, str] | None = N
     """Read and check a plan YAML (keys, types, ranges, names). Pools are not opened here (see `prepare`).
 
     `pool_overrides` {name: directory} replaces pool paths (the CLI's --pool NAME=DIR)."""
-    import yaml
-
+    from common.yaml_file import read_yaml
     from mose.skills import UnknownSkillError, load_taxonomy
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: plan file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise PlanError(f"{path}: not valid YAML ({exc})") from None
+    raw = read_yaml(path, what="plan file", expect=object, error=PlanError)
     if not isinstance(raw, dict):
         raise PlanError(f"{path}: expected a mapping with 'pools' and 'stages', got {type(raw).__name__}")
     bad = sorted(set(raw) - TOP_KEYS)
@@ -622,7 +619,7 @@ def run_plan(plan: DataPlan, out_dir: str | os.PathLike, *, pilot_factory: Calla
              progress: bool = False) -> PlanResult:
     """Check the whole plan (`prepare`), then select every stage in order and write DIR/<stage>.jsonl
     (+ header), DIR/coverage.{csv,md,png} and DIR/plan_summary.json."""
-    from datasets_cfg.atomic import write_json
+    from common.atomic import write_json
 
     out = Path(out_dir)
     data = prepare(plan, pilot_factory=pilot_factory, feedback_factory=feedback_factory, progress=progress)
@@ -702,7 +699,7 @@ def write_coverage(rows: list[dict], out: Path, stages: list[str]) -> tuple[Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from datasets_cfg.atomic import save_figure, write_text
+    from common.atomic import save_figure, write_text
 
     lines = ["stage,skill,source,environment,selected,available"]
     lines += [f"{r['stage']},{r['skill']},{r['source']},{r['environment']},{r['selected']},{r['available']}" for r in rows]

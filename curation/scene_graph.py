@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from datasets_cfg.geometry import global_to_local, rotate_vectors
+from common.geometry import global_to_local, rotate_vectors
 from datasets_cfg.schema import STATIC_CATEGORIES
 
 NODE_FEATURES = ("is_ego", "is_agent", "is_lane", "x", "y", "cos_h", "sin_h", "vx", "vy", "length", "width", "flag_a", "flag_b")

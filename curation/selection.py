@@ -1,6 +1,6 @@
 """The common selector interface: `Selector`, its result `Selection` (a manifest on disk) and `PilotTrainer`.
 
-A manifest is two files written atomically (datasets_cfg/atomic.py)::
+A manifest is two files written atomically (common/atomic.py)::
 
     OUT.jsonl          # one row per selected scene, in selection order: rank, id, score, reason (+ extras)
     OUT.header.json    # method, budget, seed, config, fitted state, fallbacks, and the rows file's sha256
@@ -22,17 +22,18 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from datasets_cfg.atomic import write_json, write_jsonl
+from common.atomic import write_json, write_jsonl
+from common.errors import MoseError
 
 FORMAT = "mose.selection"
 FORMAT_VERSION = 1
 
 
-class SelectionError(ValueError):
+class SelectionError(MoseError, ValueError):
     """Bad selector input (budget, features, scores) or a manifest that does not fit its header."""
 
 
-class PilotError(RuntimeError):
+class PilotError(MoseError, RuntimeError):
     """A pilot run failed or returned no usable score."""
 
 

@@ -44,10 +44,11 @@ from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from common.constants import REAR_AXLE_TO_CENTER  # m; overridden by meta "ego_size"
+from common.geometry import box_corners, local_to_global
 from curation.selection import Selection, SelectionError, Selector, check_budget, pool_info
-from datasets_cfg.geometry import box_corners, local_to_global
 
-EGO_LENGTH, EGO_WIDTH, REAR_AXLE_TO_CENTER = 5.0, 2.0, 1.461  # m; overridden by meta "ego_size"
+EGO_LENGTH, EGO_WIDTH = 5.0, 2.0  # m; overridden by meta "ego_size"
 
 
 @runtime_checkable
@@ -282,7 +283,7 @@ def plot_embedding_map(Z: np.ndarray, color: np.ndarray, path: str | os.PathLike
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from datasets_cfg.atomic import save_figure
+    from common.atomic import save_figure
 
     Z = np.asarray(Z, float)
     if method == "tsne" and len(Z) > 4:
@@ -534,7 +535,7 @@ class SemanticSelector(Selector):
 
 
 def _write_scores(path: Path, ids, res: dict, t_star, crit) -> Path:
-    from datasets_cfg.atomic import write_text
+    from common.atomic import write_text
 
     lines = ["id,S,R,U,Q,t_star,max_safety"]
     lines += [f"{i},{s:.6g},{r:.6g},{u:.6g},{q:.6g},{int(t)},{c:.6g}" for i, s, r, u, q, t, c in zip(ids, res["S"], res["R"], res["U"], res["Q"], t_star, crit)]

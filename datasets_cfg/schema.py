@@ -62,8 +62,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from datasets_cfg.atomic import atomic_dir, write_json
-from datasets_cfg.geometry import global_to_local, rotate_vectors, wrap_angle
+from common.atomic import atomic_dir, write_json
+from common.errors import MoseError
+from common.geometry import global_to_local, rotate_vectors, wrap_angle
 
 SCHEMA_VERSION = 1
 SOURCES = ("real", "synthetic")
@@ -79,7 +80,7 @@ EGO_FIELDS = ("t", "x", "y", "heading", "speed", "accel", "accel_lat", "yaw_rate
 AGENT_FLOAT_FIELDS = ("x", "y", "heading", "length", "width", "height", "vx", "vy")
 
 
-class SchemaError(ValueError):
+class SchemaError(MoseError, ValueError):
     """A row or file does not fit the ScenePool schema. The message names where, the field and what was expected."""
 
 

@@ -33,8 +33,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from datasets_cfg.atomic import atomic_path, save_figure, write_text
-from datasets_cfg.geometry import global_to_local, wrap_angle
+from common.atomic import atomic_path, save_figure, write_text
+from common.geometry import global_to_local, wrap_angle
 from datasets_cfg.schema import Scene, ScenePool
 from mose.skill_format import TRAJECTORY_SKILL, Segment, format_trajectory, parse_trajectory
 from mose.skills import Taxonomy, UnknownSkillError, load_taxonomy

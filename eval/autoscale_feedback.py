@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from datasets_cfg.geometry import wrap_angle
+from common.geometry import wrap_angle
 from datasets_cfg.schema import Scene
 
 METRICS = ("epdms", "driving_score", "no_crash", "route_completion")

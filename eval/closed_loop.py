@@ -38,10 +38,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from datasets_cfg.geometry import local_to_global, wrap_angle
+from common.geometry import local_to_global, wrap_angle
 from datasets_cfg.schema import EGO_FIELDS, Scene, new_row, validate_row
 from eval.navsim import comfort as comfort_mod
-from eval.navsim.config import AX, DEFAULT, HEADING, VX, X, Y, YAW_RATE, Protocol
+from eval.navsim.config import AX, DEFAULT, HEADING, VX, YAW_RATE, Protocol, X, Y
 from eval.navsim.geometry import PolygonSet, Polyline, ego_boxes
 from eval.navsim.simulate import initial_state, interpolate_poses, track
 
@@ -60,7 +60,7 @@ class ClosedLoopResult:
         return {"means": self.means, "episodes": self.episodes}
 
     def to_json(self, path) -> None:
-        from datasets_cfg.atomic import write_json
+        from common.atomic import write_json
 
         write_json(path, self.to_dict())
 

@@ -28,10 +28,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from common.errors import MoseError
 from datasets_cfg.schema import SchemaError
 
 
-class PredictionError(ValueError):
+class CodaPredictionsError(MoseError, ValueError):
     pass
 
 
@@ -39,7 +40,7 @@ def load_predictions(path: str | os.PathLike, question_ids, skip_invalid: bool =
     """{question id: answer} from a JSONL of {"question_id", "answer"}; plus counts of what was skipped and why."""
     path = Path(path)
     if not path.is_file():
-        raise PredictionError(f"{path}: predictions file not found")
+        raise CodaPredictionsError(f"{path}: predictions file not found")
     known = set(question_ids)
     out, skipped, errors = {}, Counter(), []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -50,20 +51,20 @@ def load_predictions(path: str | os.PathLike, question_ids, skip_invalid: bool =
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise PredictionError(f"{where}: malformed JSON ({e.msg})", "malformed JSON") from None
+                raise CodaPredictionsError(f"{where}: malformed JSON ({e.msg})", "malformed JSON") from None
             if not isinstance(rec, dict) or "question_id" not in rec or not isinstance(rec["question_id"], (str, int)):
-                raise PredictionError(f"{where}: field 'question_id': expected a string id", "missing field")
+                raise CodaPredictionsError(f"{where}: field 'question_id': expected a string id", "missing field")
             if not isinstance(rec.get("answer"), str):
-                raise PredictionError(f"{where}: field 'answer': expected a string, got {rec.get('answer')!r:.60}", "wrong type")
+                raise CodaPredictionsError(f"{where}: field 'answer': expected a string, got {rec.get('answer')!r:.60}", "wrong type")
             qid = str(rec["question_id"])
             if qid not in known:
-                raise PredictionError(f"{where}: field 'question_id': expected an id of the evaluated questions, got unknown id {qid!r}", "unknown id")
+                raise CodaPredictionsError(f"{where}: field 'question_id': expected an id of the evaluated questions, got unknown id {qid!r}", "unknown id")
             if qid in out:
-                raise PredictionError(f"{where}: field 'question_id': expected each id once, got {qid!r} again", "duplicate id")
+                raise CodaPredictionsError(f"{where}: field 'question_id': expected each id once, got {qid!r} again", "duplicate id")
             out[qid] = rec["answer"]
-        except PredictionError as e:
+        except CodaPredictionsError as e:
             if not skip_invalid:
-                raise PredictionError(e.args[0]) from None
+                raise CodaPredictionsError(e.args[0]) from None
             skipped[e.args[1]] += 1
             errors.append(e.args[0])
     return out, {"skipped": sum(skipped.values()), "skipped_by_reason": dict(skipped), "first_errors": errors[:20]}
@@ -91,14 +92,14 @@ def plot_scores(scores: dict, path: Path) -> None:
         ax.set_title(title)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    from datasets_cfg.atomic import save_figure
+    from common.atomic import save_figure
 
     save_figure(fig, path, dpi=100)
 
 
 def evaluate(args) -> tuple[dict, int]:
     """The whole run; returns (scores, exit code)."""
-    from datasets_cfg.atomic import write_json, write_jsonl
+    from common.atomic import write_json, write_jsonl
     from datasets_cfg.sources.coda_lm import ImportReport
     from eval.coda_prompts import load_official_prompts, own_prompts
     from eval.coda_questions import QuestionBuilder, rows_from
@@ -111,7 +112,7 @@ def evaluate(args) -> tuple[dict, int]:
     builder = QuestionBuilder(prompts, out, box_encoding=args.box_encoding, skip_invalid=args.skip_invalid)
     questions = builder.build(rows, root)
     if not questions:
-        raise PredictionError(f"{args.annotations}: no question to evaluate")
+        raise CodaPredictionsError(f"{args.annotations}: no question to evaluate")
     write_jsonl(out / "questions.jsonl", questions)
 
     if args.model:
@@ -220,7 +221,7 @@ def run(args) -> int:
         return 2
     try:
         scores, code = evaluate(args)
-    except (SchemaError, PredictionError, PromptError, FileNotFoundError, ValueError) as e:
+    except (SchemaError, CodaPredictionsError, PromptError, FileNotFoundError, ValueError) as e:
         print(f"mose eval coda: error: {e}", file=sys.stderr)
         return 1
     _print_summary(scores)

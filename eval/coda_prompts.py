@@ -33,6 +33,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.errors import MoseError
 from datasets_cfg.sources.coda_lm import QUESTIONS
 
 TASKS = ("general", "region", "suggestion")
@@ -61,7 +62,7 @@ _OWN_JUDGE = {
 }
 
 
-class PromptError(ValueError):
+class PromptError(MoseError, ValueError):
     """An official prompt file is missing or does not hold what we expect; the message names file and field."""
 
 

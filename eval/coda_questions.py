@@ -68,7 +68,7 @@ def draw_box(src: Path, box, dst: Path) -> Path:
     """A copy of `src` with the box drawn as a red rectangle of width 2 (as the official convert2vqa.py does)."""
     from PIL import Image, ImageDraw
 
-    from datasets_cfg.atomic import atomic_path
+    from common.atomic import atomic_path
 
     x, y, w, h = box
     with Image.open(src) as im:
@@ -196,7 +196,7 @@ def rows_from(annotations: str | os.PathLike, images: str | os.PathLike | None, 
 
 
 def write_questions(path: str | os.PathLike, questions: list[dict]) -> None:
-    from datasets_cfg.atomic import write_jsonl
+    from common.atomic import write_jsonl
 
     write_jsonl(path, questions)
 

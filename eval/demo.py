@@ -39,6 +39,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from common.errors import MoseError
+
 DEMO_FORMAT = 1  # bump when a step's outputs change meaning: every marker then mismatches
 MARKER = ".done.json"
 STARTED = ".started.json"
@@ -71,7 +73,7 @@ STEPS = (
 STEP_NAMES = tuple(s.name for s in STEPS)
 
 
-class DemoError(RuntimeError):
+class DemoError(MoseError, RuntimeError):
     """A step failed; the message names the step and the cause."""
 
 
@@ -94,15 +96,10 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 def load_demo_config(path: str | os.PathLike | None = None, scale: str = "tiny") -> dict:
     """`defaults` deep-merged with the scale's section. ValueError naming the file and key when malformed."""
-    import yaml
+    from common.yaml_file import read_yaml
 
     path = Path(path) if path else default_config_path()
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path}: demo config not found") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    raw = read_yaml(path, what="demo config", expect=object)
     if not isinstance(raw, dict) or not isinstance(raw.get("defaults"), dict) or not isinstance(raw.get("scales"), dict):
         raise ValueError(f"{path}: expected a mapping with 'defaults' and 'scales' sections")
     if scale not in raw["scales"]:
@@ -157,8 +154,7 @@ def _now() -> str:
 
 def run_step(step: Step, ctx: StepContext, h: str, upstream: dict[str, str]) -> dict:
     """Run one step in its folder with the marker protocol of the module doc. Returns the marker."""
-    from datasets_cfg.atomic import write_json
-
+    from common.atomic import write_json
     from eval import demo_steps
 
     d = ctx.dir

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.constants import REAR_AXLE_TO_CENTER
 from mose.skill_format import NUM_POSES, parse_answer
 
 VIEW_METERS = 75.0  # the simulator render's field of view (datasets_cfg/sources/sim_render.py)
@@ -61,12 +62,12 @@ def draw_topdown(scene, image_size: int = 64):
     x to the right, world y up, no rotation; lane outlines white on grey, ego green, other vehicles light blue)."""
     from PIL import Image, ImageDraw
 
-    from datasets_cfg.geometry import box_corners
+    from common.geometry import box_corners
 
     ppm = image_size / VIEW_METERS
     ex, ey, eh = scene.ego_pose()
     meta = scene.meta
-    axle = float(meta.get("ego_size", {}).get("rear_axle_to_center", 1.461))
+    axle = float(meta.get("ego_size", {}).get("rear_axle_to_center", REAR_AXLE_TO_CENTER))
     cx, cy = ex + axle * math.cos(eh), ey + axle * math.sin(eh)
 
     def px(points):
@@ -122,7 +123,7 @@ class ModelPlanner:
             return None
         if poses is None:
             return None, reason
-        from datasets_cfg.geometry import global_to_local, local_to_global
+        from common.geometry import global_to_local, local_to_global
 
         rest = local_to_global(poses[k:], origin)
         step = rest[-1] - (local_to_global(poses[k - 1:k], origin)[0] if len(rest) == 1 else rest[-2])

@@ -12,11 +12,11 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from datasets_cfg.atomic import write_json, write_jsonl
+from common.atomic import write_json, write_jsonl
 
 MODELS = ("mose", "dense")  # evaluated models: step folder of each
 MODEL_STEP = {"mose": "train", "dense": "train_dense"}
-STAGES = ("align", "router_pretrain", "skill_tune")
+from common.constants import STAGE_ORDER as STAGES
 
 
 def _rel(ctx, path) -> str:

@@ -22,8 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
+from common.geometry import wrap_angle
 from curation.features import planner_inputs
-from datasets_cfg.geometry import wrap_angle
 
 
 def constant_rollout(scene, num_poses: int = 8, interval: float = 0.5) -> np.ndarray:

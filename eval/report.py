@@ -47,7 +47,7 @@ def _load(path: Path) -> dict:
 
 
 def _save(fig, path: Path) -> Path:
-    from datasets_cfg.atomic import save_figure
+    from common.atomic import save_figure
 
     return save_figure(fig, path)
 
@@ -203,7 +203,7 @@ def _versions() -> dict:
 
 def build_report(run_dir: str | Path, out_dir: str | Path) -> dict:
     """Write out_dir/report.md and out_dir/figures/*.png from the step outputs in run_dir; returns what was used."""
-    from datasets_cfg.atomic import write_text
+    from common.atomic import write_text
     from mose.skills import load_taxonomy
 
     run, out = Path(run_dir), Path(out_dir)

@@ -234,7 +234,7 @@ def usage_heatmap(metrics: RoutingMetrics, taxonomy: Taxonomy | None, skill_grou
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")  # temp + rename (mose/ does not import datasets_cfg.atomic)
+    tmp = path.with_name(f".{path.name}.tmp")  # temp + rename (mose/ does not import common.atomic)
     fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     tmp.replace(path)

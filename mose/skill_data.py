@@ -32,12 +32,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from common.errors import MoseError
 from mose.skills import Taxonomy, UnknownSkillError, load_taxonomy
 
 IGNORE = -100
 
 
-class SkillDataError(ValueError):
+class SkillDataError(MoseError, ValueError):
     """An item can not be turned into model inputs; the message names the item, `reason` is a short category."""
 
     def __init__(self, message: str, reason: str = "other"):

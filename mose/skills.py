@@ -23,18 +23,18 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import yaml
+from common.errors import MoseError
 
 SKILL_KEYS = {"parent", "description", "aliases", "keywords", "expert_share", "num_experts", "experts"}
 TOP_KEYS = {"skills", "experts"}
 EXPERT_KEYS = {"fine_experts", "shared_expert"}
 
 
-class TaxonomyError(ValueError):
+class TaxonomyError(MoseError, ValueError):
     """The taxonomy is malformed. The message names the file, the key and what was expected."""
 
 
-class UnknownSkillError(KeyError):
+class UnknownSkillError(MoseError, KeyError):
     """A skill name in data is not in the taxonomy (nor an alias of one)."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
@@ -88,11 +88,9 @@ class Taxonomy:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "Taxonomy":
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise TaxonomyError(f"{path}: not valid YAML: {exc}") from None
+        from common.yaml_file import read_yaml
+
+        data = read_yaml(path, what="taxonomy", expect=object, error=TaxonomyError)
         return cls.from_dict(data, source=str(path))
 
     @classmethod

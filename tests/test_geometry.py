@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from datasets_cfg.geometry import box_corners, global_to_local, local_to_global, rotate_vectors, wrap_angle
+from common.geometry import box_corners, global_to_local, local_to_global, rotate_vectors, wrap_angle
 
 coord = st.floats(-1e4, 1e4, allow_nan=False)
 angle = st.floats(-10, 10, allow_nan=False)

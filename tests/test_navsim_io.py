@@ -15,7 +15,7 @@ from datasets_cfg.schema import ScenePool
 from eval.navsim import agents
 from eval.navsim import fixtures as F
 from eval.navsim.config import V2_COLUMNS
-from eval.navsim.predictions import PredictionsError, read_predictions, write_predictions
+from eval.navsim.predictions import NavsimPredictionsError, read_predictions, write_predictions
 from eval.navsim.scorer import mean_score, score_scenes
 from mose.cli import main
 
@@ -41,13 +41,13 @@ def test_bare_json_mapping_and_bad_files(tmp_path):
     assert read_predictions(p)[0]["x"].shape == (8, 3)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": "navsim-trajectories", "frame": "global", "trajectories": {}}))
-    with pytest.raises(PredictionsError, match="frame"):
+    with pytest.raises(NavsimPredictionsError, match="frame"):
         read_predictions(bad)
     gap = tmp_path / "gap.csv"
     gap.write_text("token,pose,x,y,heading\na,0,1,2,3\na,2,1,2,3\n")
-    with pytest.raises(PredictionsError, match="without gaps"):
+    with pytest.raises(NavsimPredictionsError, match="without gaps"):
         read_predictions(gap)
-    with pytest.raises(PredictionsError, match="no such"):
+    with pytest.raises(NavsimPredictionsError, match="no such"):
         read_predictions(tmp_path / "missing.json")
 
 
@@ -107,7 +107,7 @@ class _Evil:
 def test_pickle_with_other_classes_is_refused(tmp_path):
     p = tmp_path / "evil.pkl"
     p.write_bytes(pickle.dumps({"predictions": [{"a": _Evil()}]}))
-    with pytest.raises(PredictionsError, match="refusing to load"):
+    with pytest.raises(NavsimPredictionsError, match="refusing to load"):
         read_predictions(p)
 
 

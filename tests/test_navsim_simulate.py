@@ -3,7 +3,7 @@ formulation (written out here with pinv, as upstream), and tracking behaviour.""
 import numpy as np
 import pytest
 
-from datasets_cfg.geometry import wrap_angle
+from common.geometry import wrap_angle
 from eval.navsim.config import DEFAULT, HEADING, STATE_SIZE, VX, X, Y
 from eval.navsim.simulate import initial_state, interpolate_poses, reference_profiles, simulate, track
 

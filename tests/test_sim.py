@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from shapely import LineString, MultiPolygon, Polygon, distance, points
 
-from datasets_cfg.geometry import box_corners, local_to_global
+from common.geometry import box_corners, local_to_global
 from datasets_cfg.schema import AGENT_CATEGORIES, ScenePool, validate_row
 from datasets_cfg.sources.sim import generate
 from datasets_cfg.sources.sim_export import REAR_AXLE_TO_CENTER, project_to_image, scene_render_transform

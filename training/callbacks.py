@@ -19,7 +19,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from datasets_cfg.atomic import write_text
+from common.atomic import write_text
 
 _SKIP = {"total_flos"}
 

@@ -86,7 +86,7 @@ def merge_lora_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dic
 
 def save_final(trainer, processor, final_dir: str | Path, summary: dict, lora=None) -> Path | None:
     """Write the stage's final model (safetensors), processor and summary. Call on every process (ZeRO-3 gathers)."""
-    from datasets_cfg.atomic import atomic_dir
+    from common.atomic import atomic_dir
 
     engine = trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model
     state = trainer.accelerator.get_state_dict(engine)  # ZeRO-3: gathered from every process

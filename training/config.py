@@ -20,14 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STAGE_ORDER = ("align", "router_pretrain", "skill_tune")
+from common.constants import STAGE_ORDER
+from common.errors import MoseError
+
 PRECISIONS = ("auto", "bf16", "fp32")
 SAMPLERS = ("shuffle", "skill_balanced")
 ITEM_KINDS = ("hierarchical", "single")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
 
-class ConfigError(ValueError):
+class ConfigError(MoseError, ValueError):
     """A training config that cannot run; the message names the file, the key and what was expected."""
 
 
@@ -141,15 +143,12 @@ class TrainConfig:
 
 def load_config(path: str | os.PathLike, overrides: dict | None = None) -> TrainConfig:
     """Read and validate a YAML config; `overrides` maps dotted keys to values (e.g. {"data.pool": DIR})."""
-    import yaml
+    from common.yaml_file import read_yaml
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    raw = read_yaml(path, what="training config", expect=object, error=ConfigError) or {}
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
     return from_dict(raw, source=str(path))

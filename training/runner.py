@@ -203,7 +203,7 @@ def run_training(cfg: TrainConfig, *, stages: list[str] | None = None, fresh: bo
         data = collect_stage_items(cfg, taxonomy)  # every manifest / pool / item check, before any training
         processor = initial_processor(cfg, {s: d.dataset for s, d in data.items()}, processor_dir)
         if state.is_main_process:
-            from datasets_cfg.atomic import atomic_dir, write_json
+            from common.atomic import atomic_dir, write_json
 
             out.mkdir(parents=True, exist_ok=True)
             if not processor_dir.is_dir():

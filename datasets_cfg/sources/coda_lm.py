@@ -432,7 +432,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from datasets_cfg.atomic import write_json
+    from common.atomic import write_json
     from datasets_cfg.schema import ScenePool
 
     report = ImportReport()

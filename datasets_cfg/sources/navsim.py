@@ -63,7 +63,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from datasets_cfg.geometry import rotate_vectors, wrap_angle
+from common.errors import MoseError
+from common.geometry import rotate_vectors, wrap_angle
 from datasets_cfg.schema import AGENT_CATEGORIES, COMMANDS, SchemaError, new_row, validate_row
 
 CAMERAS = ("CAM_F0", "CAM_L0", "CAM_L1", "CAM_L2", "CAM_R0", "CAM_R1", "CAM_R2", "CAM_B0")
@@ -117,7 +118,7 @@ def _allowed_globals() -> dict:
     return allowed
 
 
-class RefusedGlobal(pickle.UnpicklingError):
+class RefusedGlobal(MoseError, pickle.UnpicklingError):
     def __init__(self, module: str, name: str):
         self.module, self.name = module, name
         super().__init__(f"refusing to load global {module}.{name}")

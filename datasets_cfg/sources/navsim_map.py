@@ -41,8 +41,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from datasets_cfg.atomic import write_json
-from datasets_cfg.geometry import wrap_angle
+from common.atomic import write_json
+from common.geometry import wrap_angle
 from datasets_cfg.schema import AREA_KINDS, LANE_KINDS, SchemaError
 
 FORMAT = "mose-navsim-map/1"

@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from datasets_cfg.atomic import atomic_path, write_json
+from common.atomic import atomic_path, write_json
 from datasets_cfg.sources.sim_episode import DEFAULT_ENVS, ENV_IDS, EpisodeRunner, plan_episode
 
 CONFIG_KEYS = ("seed", "envs", "synthetic_fraction", "scenes_per_episode", "stride", "image_size", "image_format")

@@ -20,7 +20,7 @@ import json
 
 import numpy as np
 
-from datasets_cfg.geometry import box_corners, global_to_local
+from common.geometry import box_corners, global_to_local
 from datasets_cfg.sources.sim_export import REAR_AXLE_TO_CENTER, scene_render_transform
 from datasets_cfg.sources.sim_safety import LANE_CHANGE_M, TURN_RAD
 

@@ -30,9 +30,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from datasets_cfg.geometry import wrap_angle
+from common.constants import REAR_AXLE_TO_CENTER  # m, ego rear axle -> box centre (NAVSIM convention, see module doc)
+from common.geometry import wrap_angle
 
-REAR_AXLE_TO_CENTER = 1.461  # m, ego rear axle -> box centre (NAVSIM convention, see module doc)
 AGENT_RADIUS = 80.0  # m, agents farther than this from the ego centre are not exported
 # highway-env is 2-D: heights are ours (simulated), per category
 HEIGHTS = {"vehicle": 1.6, "traffic_cone": 0.7, "barrier": 1.0, "generic_object": 1.0}

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from datasets_cfg.geometry import box_corners, global_to_local, wrap_angle
+from common.geometry import box_corners, global_to_local, wrap_angle
 from datasets_cfg.sources.sim_export import REAR_AXLE_TO_CENTER
 
 NEAR_MISS_GAP_M = 1.0

@@ -13,7 +13,7 @@ from typing import Iterable
 
 import numpy as np
 
-from datasets_cfg.geometry import global_to_local
+from common.geometry import global_to_local
 from eval.navsim.config import DEFAULT, Protocol
 
 AGENTS = ("constant_velocity", "human", "pdm_closed")

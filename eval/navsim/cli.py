@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from datasets_cfg.schema import ScenePool
     from eval.navsim.agents import run_agent
-    from eval.navsim.predictions import PredictionsError, read_predictions, write_predictions, write_scores_csv
+    from eval.navsim.predictions import NavsimPredictionsError, read_predictions, write_predictions, write_scores_csv
     from eval.navsim.scorer import _invalid, average_row, score_scenes
 
     try:
@@ -51,7 +51,7 @@ def run(args) -> int:
     if args.predictions:
         try:
             trajectories, file_interval = read_predictions(args.predictions)
-        except PredictionsError as exc:
+        except NavsimPredictionsError as exc:
             print(f"mose eval navsim: error: {exc}", file=sys.stderr)
             return 2
         if interval is None:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common.constants import REAR_AXLE_TO_CENTER
+
 # State array layout shared by the simulator, the metrics and the comfort checks (devkit's StateIndex).
 X, Y, HEADING, VX, VY, AX, AY, STEER, STEER_RATE, YAW_RATE, YAW_ACCEL = range(11)
 STATE_SIZE = 11
@@ -43,7 +45,7 @@ class VehicleParams:
     front_length: float = 4.049  # rear axle -> front bumper
     rear_length: float = 1.127  # rear axle -> rear bumper
     wheel_base: float = 3.089
-    rear_axle_to_center: float = 1.461
+    rear_axle_to_center: float = REAR_AXLE_TO_CENTER
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from datasets_cfg.geometry import wrap_angle
+from common.errors import MoseError
+from common.geometry import wrap_angle
 from eval.navsim import observation as obs_mod
-from eval.navsim.config import AX, AY, DEFAULT, HEADING, STATE_SIZE, VX, X, Y, YAW_ACCEL, YAW_RATE, Protocol, VehicleParams
+from eval.navsim.config import AX, AY, DEFAULT, HEADING, STATE_SIZE, VX, YAW_ACCEL, YAW_RATE, Protocol, VehicleParams, X, Y
 from eval.navsim.geometry import PolygonSet, Polyline, ego_boxes
 from eval.navsim.simulate import initial_state
 
 
-class SceneError(ValueError):
+class SceneError(MoseError, ValueError):
     """A scene cannot be scored; the message says why (it becomes the `reason` of an invalid row)."""
 
 

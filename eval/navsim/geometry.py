@@ -2,7 +2,7 @@
 (projection, interpolation) and points in map polygons (shapely 2 `contains_xy` on bbox candidates).
 
 Boxes are (..., 4, 2) corner arrays in the order front-left, front-right, rear-right, rear-left (as
-datasets_cfg.geometry.box_corners). Every function works on whole arrays: callers never loop over steps
+common.geometry.box_corners). Every function works on whole arrays: callers never loop over steps
 or objects in Python.
 """
 from __future__ import annotations
@@ -10,8 +10,7 @@ from __future__ import annotations
 import numpy as np
 import shapely
 
-from eval.navsim.config import HEADING, X, Y, VehicleParams
-
+from eval.navsim.config import HEADING, VehicleParams, X, Y
 
 # ----------------------------------------------------------------------------------------------
 # ego footprint

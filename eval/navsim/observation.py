@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from datasets_cfg.geometry import box_corners, wrap_angle
+from common.geometry import box_corners, wrap_angle
 from datasets_cfg.schema import STATIC_CATEGORIES
 from eval.navsim.config import AGENT_TYPES
 from eval.navsim.geometry import PolygonSet, boxes_intersect

@@ -37,13 +37,14 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from datasets_cfg.atomic import atomic_path, write_json
+from common.atomic import atomic_path, write_json
+from common.errors import MoseError
 from eval.navsim.config import V2_COLUMNS
 
 FORMAT = "navsim-trajectories"
 
 
-class PredictionsError(ValueError):
+class NavsimPredictionsError(MoseError, ValueError):
     """A predictions file cannot be read; the message names the file, the place and what was expected."""
 
 
@@ -54,7 +55,7 @@ def read_predictions(path, interval_s: float | None = None) -> tuple[dict[str, n
     entry does not reject the whole file)."""
     path = Path(path)
     if not path.is_file():
-        raise PredictionsError(f"{path}: no such predictions file")
+        raise NavsimPredictionsError(f"{path}: no such predictions file")
     suffix = path.suffix.lower()
     if suffix == ".json":
         return _read_json(path)
@@ -62,35 +63,35 @@ def read_predictions(path, interval_s: float | None = None) -> tuple[dict[str, n
         return _read_csv(path), None
     if suffix in (".pkl", ".pickle"):
         return _read_pickle(path)
-    raise PredictionsError(f"{path}: unknown predictions format {suffix!r}; expected .json, .csv or .pkl (NAVSIM submission)")
+    raise NavsimPredictionsError(f"{path}: unknown predictions format {suffix!r}; expected .json, .csv or .pkl (NAVSIM submission)")
 
 
 def _as_poses(value, where: str) -> np.ndarray:
     try:
         return np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
-        raise PredictionsError(f"{where}: expected a list of [x, y, heading] poses, got {str(value)[:80]}") from None
+        raise NavsimPredictionsError(f"{where}: expected a list of [x, y, heading] poses, got {str(value)[:80]}") from None
 
 
 def _read_json(path: Path):
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise PredictionsError(f"{path}: not valid JSON ({exc})") from None
+        raise NavsimPredictionsError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise PredictionsError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise NavsimPredictionsError(f"{path}: expected a JSON object, got {type(data).__name__}")
     interval = None
     if "trajectories" in data:
         if data.get("format", FORMAT) != FORMAT:
-            raise PredictionsError(f"{path}: field 'format': expected {FORMAT!r}, got {data.get('format')!r}")
+            raise NavsimPredictionsError(f"{path}: field 'format': expected {FORMAT!r}, got {data.get('format')!r}")
         if data.get("frame", "ego_rear_axle") != "ego_rear_axle":
-            raise PredictionsError(f"{path}: field 'frame': expected 'ego_rear_axle', got {data.get('frame')!r}")
+            raise NavsimPredictionsError(f"{path}: field 'frame': expected 'ego_rear_axle', got {data.get('frame')!r}")
         interval = data.get("interval_s")
         if interval is not None and not (isinstance(interval, (int, float)) and interval > 0):
-            raise PredictionsError(f"{path}: field 'interval_s': expected a positive number of seconds, got {interval!r}")
+            raise NavsimPredictionsError(f"{path}: field 'interval_s': expected a positive number of seconds, got {interval!r}")
         data = data["trajectories"]
         if not isinstance(data, dict):
-            raise PredictionsError(f"{path}: field 'trajectories': expected an object token -> poses")
+            raise NavsimPredictionsError(f"{path}: field 'trajectories': expected an object token -> poses")
     return {str(k): _as_poses(v, f"{path}: trajectories[{k!r}]") for k, v in data.items()}, (float(interval) if interval else None)
 
 
@@ -101,17 +102,17 @@ def _read_csv(path: Path) -> dict[str, np.ndarray]:
         reader = csv.DictReader(f)
         missing = [c for c in need if c not in (reader.fieldnames or [])]
         if missing:
-            raise PredictionsError(f"{path}: missing column(s) {missing}; expected header {','.join(need)}")
+            raise NavsimPredictionsError(f"{path}: missing column(s) {missing}; expected header {','.join(need)}")
         for line, r in enumerate(reader, start=2):
             try:
                 rows.setdefault(r["token"], []).append((int(r["pose"]), float(r["x"]), float(r["y"]), float(r["heading"])))
             except (TypeError, ValueError):
-                raise PredictionsError(f"{path}: line {line}: expected an integer pose and numbers x, y, heading, got {dict(r)}") from None
+                raise NavsimPredictionsError(f"{path}: line {line}: expected an integer pose and numbers x, y, heading, got {dict(r)}") from None
     out = {}
     for tok, poses in rows.items():
         idx = [p[0] for p in poses]
         if sorted(idx) != list(range(len(idx))):
-            raise PredictionsError(f"{path}: token {tok!r}: pose indices must be 0..{len(idx) - 1} without gaps or repeats, got {sorted(idx)}")
+            raise NavsimPredictionsError(f"{path}: token {tok!r}: pose indices must be 0..{len(idx) - 1} without gaps or repeats, got {sorted(idx)}")
         out[tok] = np.array([p[1:] for p in sorted(poses)], dtype=np.float64)
     return out
 
@@ -166,16 +167,16 @@ def _read_pickle(path: Path):
     try:
         data = _SafeUnpickler(io.BytesIO(path.read_bytes())).load()
     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as exc:
-        raise PredictionsError(f"{path}: not a readable NAVSIM submission pickle ({exc})") from None
+        raise NavsimPredictionsError(f"{path}: not a readable NAVSIM submission pickle ({exc})") from None
     if not isinstance(data, dict) or "predictions" not in data:
-        raise PredictionsError(f"{path}: expected a dict with a 'predictions' entry (NAVSIM submission), got {type(data).__name__}")
+        raise NavsimPredictionsError(f"{path}: expected a dict with a 'predictions' entry (NAVSIM submission), got {type(data).__name__}")
     preds = data["predictions"]
     if isinstance(preds, dict):
         preds = [preds]
     out, interval = {}, None
     for i, part in enumerate(preds):
         if not isinstance(part, dict):
-            raise PredictionsError(f"{path}: predictions[{i}]: expected a dict token -> Trajectory")
+            raise NavsimPredictionsError(f"{path}: predictions[{i}]: expected a dict token -> Trajectory")
         for tok, traj in part.items():
             poses = getattr(traj, "poses", traj)
             out[str(tok)] = _as_poses(poses, f"{path}: predictions[{i}][{tok!r}]")
@@ -183,7 +184,7 @@ def _read_pickle(path: Path):
             step = getattr(sampling, "interval_length", None)
             if step is not None:
                 if interval is not None and abs(step - interval) > 1e-9:
-                    raise PredictionsError(f"{path}: trajectories use different intervals ({interval} and {step} s)")
+                    raise NavsimPredictionsError(f"{path}: trajectories use different intervals ({interval} and {step} s)")
                 interval = float(step)
     return out, interval
 

@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from datasets_cfg.geometry import local_to_global
+from common.geometry import local_to_global
 from eval.navsim import aggregate, comfort, metrics, pdm_closed
 from eval.navsim.config import DEFAULT, V2_COLUMNS, Protocol
 from eval.navsim.context import SceneContext, SceneError

@@ -17,11 +17,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from datasets_cfg.geometry import local_to_global, wrap_angle
-from eval.navsim.config import (
-    AX, AY, DEFAULT, HEADING, STATE_SIZE, STEER, STEER_RATE, VX, VY, X, Y, YAW_ACCEL, YAW_RATE, Protocol,
-)
-
+from common.geometry import local_to_global, wrap_angle
+from eval.navsim.config import AX, AY, DEFAULT, HEADING, STATE_SIZE, STEER, STEER_RATE, VX, VY, YAW_ACCEL, YAW_RATE, Protocol, X, Y
 
 # ----------------------------------------------------------------------------------------------
 # trajectory -> poses every 0.1 s
