@@ -13,6 +13,7 @@ import re
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -147,13 +148,17 @@ class FakeJudge:
         self.server.server_close()
 
 
-def free_port_url() -> str:
-    """A loopback URL with nothing listening (an endpoint that is down)."""
+@contextmanager
+def free_port_url():
+    """`with free_port_url() as url:` a loopback URL with nothing listening (an endpoint that is down). The port
+    stays bound, but not listening, until the block ends: a connect to it is refused (Linux answers a SYN to a
+    bound, non-listening TCP port with a reset) and no other process can take the port in the meantime."""
     s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}/v1"
+    try:
+        s.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    finally:
+        s.close()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def _preds(path, answers: dict, order=None):
 
 def _args(root, preds, out, *extra):
     return ["eval", "coda", "--annotations", str(root / "CODA-LM/Mini"), "--images", str(root), "--predictions", str(preds), "--out", str(out),
-            "--judge-retries", "1", "--judge-backoff", "0.01", "--judge-timeout", "5", *extra]
+            "--judge-retries", "1", "--judge-backoff", "0.01", "--judge-timeout", "30", *extra]  # no test waits on it: a slow reply is not a retry
 
 
 def _scores(out):
@@ -154,7 +154,8 @@ def test_bad_predictions(root, tmp_path, capsys, case, line, reason):
 
 def test_endpoint_down(root, tmp_path, capsys):
     preds = _preds(tmp_path / "p.jsonl", {q: f"a, rated {r}" for q, r in RATINGS.items()})
-    rc = main(_args(root, preds, tmp_path / "o", "--judge-url", free_port_url(), "--judge-model", "m", "--judge-workers", "1"))
+    with free_port_url() as url:
+        rc = main(_args(root, preds, tmp_path / "o", "--judge-url", url, "--judge-model", "m", "--judge-workers", "1"))
     assert rc == 1
     assert "looks down" in capsys.readouterr().err
     s = _scores(tmp_path / "o")  # offline metrics are still there, and every judgement is counted as failed

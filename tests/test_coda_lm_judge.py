@@ -3,6 +3,7 @@ resumed from the cache, an endpoint that is down, and the key kept out of every 
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -17,7 +18,8 @@ def _msgs(text: str) -> list[dict]:
 
 
 def _client(url, tmp_path=None, **kw) -> JudgeClient:
-    kw = {"timeout": 2.0, "max_retries": 2, "backoff": 0.01, "workers": 1, **kw}
+    # a generous timeout: a slow reply on a loaded machine must not turn into a retry and change the counts asserted
+    kw = {"timeout": 30.0, "max_retries": 2, "backoff": 0.01, "workers": 1, **kw}
     return JudgeClient(url, "judge-model", SECRET, cache_path=tmp_path / "cache.jsonl" if tmp_path else None, **kw)
 
 
@@ -95,15 +97,24 @@ def test_500s_are_retried_and_4xx_are_not():
 
 
 def test_timeouts_are_retried():
+    # the first request for a message is held until the test ends, so it always times out, whatever the machine's
+    # load; the retry is answered at once and has the whole timeout to arrive
+    release = threading.Event()
+
     def behave(body, headers, attempt):
-        return 200, rating_from_prediction(body), 0.6 if attempt == 1 else 0.0
+        if attempt == 1:
+            release.wait(60)
+        return 200, rating_from_prediction(body), 0.0
 
     with FakeJudge(behave) as fake:
-        c = _client(fake.url, timeout=0.2)
-        j = c.ask(_msgs("slow, rated 5"))
-        assert (j.status, j.rating, j.attempts) == ("ok", 5, 2)
-        k = _client(fake.url, timeout=0.2, max_retries=0).ask(_msgs("slow again, rated 5"))
-        assert k.status == "failed" and "timed out" in k.error.lower()
+        try:
+            c = _client(fake.url, timeout=1.5)
+            j = c.ask(_msgs("slow, rated 5"))
+            assert (j.status, j.rating, j.attempts) == ("ok", 5, 2)
+            k = _client(fake.url, timeout=1.0, max_retries=0).ask(_msgs("slow again, rated 5"))
+            assert k.status == "failed" and "timed out" in k.error.lower()
+        finally:
+            release.set()
 
 
 def test_restart_mid_run_resumes_from_cache(tmp_path):
@@ -145,8 +156,9 @@ def test_cache_is_keyed_by_model_and_prompt(tmp_path):
 
 
 def test_endpoint_down_stops_after_consecutive_failures():
-    c = _client(free_port_url(), max_retries=1, max_consecutive_failures=2)
-    out = c.judge_many([(f"q{i}", _msgs(f"rated {i + 1}")) for i in range(5)], progress=False)
+    with free_port_url() as url:
+        c = _client(url, max_retries=1, max_consecutive_failures=2)
+        out = c.judge_many([(f"q{i}", _msgs(f"rated {i + 1}")) for i in range(5)], progress=False)
     assert all(j.status == "failed" for j in out.values())
     assert [out[f"q{i}"].attempts for i in range(5)] == [2, 2, 0, 0, 0]
     assert "not sent" in out["q4"].error and "Connection" in out["q0"].error or "URLError" in out["q0"].error
