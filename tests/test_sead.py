@@ -102,10 +102,12 @@ def test_initial_selection_is_stratified_proportionally():
         SEAD(n_rounds=1).select(pool, 121)
 
 
-# a clip whose ego drives at 2 m/s past a parked car at x = 1.5 (near until t = 3.0 s) and one at x = 14
-# (near from t = 5.0 s): key frames 0-6 and 10-11; a quiet clip without agents on the same road
+# a clip whose ego drives at 2 m/s (1 m per frame, ego at x = k in frame k) past a parked car at x = 1.5 (near
+# until t = 3.0 s) and one at x = 14.25 (near from t = 5.0 s): key frames 0-6 and 10-11; a quiet clip without agents
+# on the same road. Nearest car per frame: 1.5, 0.5, 0.5, 1.5, 2.5, 3.5, 4.5 | 5.5, 6.25, 5.25 | 4.25, 3.25 m, so
+# no frame is within 0.25 m of the 5 m threshold
 def key_clip_pool():
-    rows = log_rows("key", 12, speed=2.0, agents=[("p1", 1.5, 0.0, 0.0, 0.0), ("p2", 14.0, 0.0, 0.0, 0.0)])
+    rows = log_rows("key", 12, speed=2.0, agents=[("p1", 1.5, 0.0, 0.0, 0.0), ("p2", 14.25, 0.0, 0.0, 0.0)])
     rows += log_rows("quiet", 12, speed=2.0)
     return ScenePool.from_rows(rows)
 
@@ -118,8 +120,10 @@ def kpool():
 def test_key_frames_from_ground_truth_on_a_constructed_clip(kpool):
     frames = [(kpool.index_of(f"key_{k:03d}"), 3) for k in range(12)]
     sets = ground_truth_sets(kpool, frames)
+    nearest = [float(np.hypot(xy[:, 0], xy[:, 1]).min()) for xy in sets.det_xy]
+    assert nearest == pytest.approx([1.5, 0.5, 0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.25, 5.25, 4.25, 3.25])
     flags = key_frame_flags(sets.det_xy, sets.det_conf)
-    assert np.flatnonzero(flags).tolist() == [0, 1, 2, 3, 4, 5, 6, 10, 11]
+    assert np.flatnonzero(flags).tolist() == [0, 1, 2, 3, 4, 5, 6, 10, 11]  # nearer than 5 m
     assert longest_run(flags) == (0, 7)
 
 
