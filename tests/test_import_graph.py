@@ -20,6 +20,7 @@ synthetic package trees, so it cannot pass by finding nothing.
 from __future__ import annotations
 
 import ast
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,55 +87,59 @@ def _docstring_nodes(tree: ast.AST) -> set[int]:
 
 def collect_arrows(root: Path, packages: list[str]) -> tuple[list[Arrow], dict[str, Path]]:
     modules = find_modules(root, packages)
-    pkgs = set(packages)
     arrows: list[Arrow] = []
     for module, path in modules.items():
-        rel = path.relative_to(root).as_posix()
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=rel)
-        package = module if _is_package(module, modules) else module.rpartition(".")[0]
-        skip = _docstring_nodes(tree)
-        call_args: set[int] = set()
-
-        def add(name: str, line: int, kind: str) -> None:
-            dst = _resolve(name, modules, pkgs)
-            if dst is not None and dst != module:
-                arrows.append(Arrow(module, dst, rel, line, kind))
-
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                for alias in node.names:
-                    add(alias.name, node.lineno, "import")
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    anchor = package.split(".") if package else []
-                    anchor = anchor[: len(anchor) - (node.level - 1)] if node.level > 1 else anchor
-                    base = ".".join(anchor + ([node.module] if node.module else []))
-                else:
-                    base = node.module or ""
-                for alias in node.names:
-                    full = f"{base}.{alias.name}" if alias.name != "*" else base
-                    # `from pkg import name`: the submodule pkg.name if there is one, else pkg itself.
-                    add(full if full in modules else base, node.lineno, "import")
-            elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
-                func = node.func
-                fname = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
-                if fname in ("import_module", "__import__"):
-                    call_args.add(id(node.args[0]))
-                    target = node.args[0].value
-                    if target.startswith("."):  # import_module(".x", package="pkg")
-                        pkg_kw = next((k.value.value for k in node.keywords if k.arg == "package" and isinstance(k.value, ast.Constant)), package)
-                        dots = len(target) - len(target.lstrip("."))
-                        anchor = str(pkg_kw).split(".")
-                        anchor = anchor[: len(anchor) - (dots - 1)] if dots > 1 else anchor
-                        target = ".".join(anchor + [target.lstrip(".")]) if target.lstrip(".") else ".".join(anchor)
-                    add(target, node.lineno, "import_module")
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip and id(node) not in call_args:
-                text = node.value.strip()
-                name = text.split(":", 1)[0] if text.count(":") == 1 else text
-                if ("." in name or ":" in text) and name in modules:
-                    add(name, node.lineno, "string")
+        arrows += _module_arrows(module, path.relative_to(root).as_posix(), path.read_text(encoding="utf-8"), modules, set(packages))
     return arrows, modules
+
+
+def _module_arrows(module: str, rel: str, source: str, modules: dict[str, Path], pkgs: set[str]) -> list[Arrow]:
+    arrows: list[Arrow] = []
+    tree = ast.parse(source, filename=rel)
+    package = module if _is_package(module, modules) else module.rpartition(".")[0]
+    skip = _docstring_nodes(tree)
+    call_args: set[int] = set()
+
+    def add(name: str, line: int, kind: str) -> None:
+        dst = _resolve(name, modules, pkgs)
+        if dst is not None and dst != module:
+            arrows.append(Arrow(module, dst, rel, line, kind))
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                add(alias.name, node.lineno, "import")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = package.split(".") if package else []
+                anchor = anchor[: len(anchor) - (node.level - 1)] if node.level > 1 else anchor
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            for alias in node.names:
+                full = f"{base}.{alias.name}" if alias.name != "*" else base
+                # `from pkg import name`: the submodule pkg.name if there is one, else pkg itself.
+                add(full if full in modules else base, node.lineno, "import")
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            func = node.func
+            fname = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+            if fname in ("import_module", "__import__"):
+                call_args.add(id(node.args[0]))
+                target = node.args[0].value
+                if target.startswith("."):  # import_module(".x", package="pkg")
+                    pkg_kw = next((k.value.value for k in node.keywords if k.arg == "package" and isinstance(k.value, ast.Constant)), package)
+                    dots = len(target) - len(target.lstrip("."))
+                    anchor = str(pkg_kw).split(".")
+                    anchor = anchor[: len(anchor) - (dots - 1)] if dots > 1 else anchor
+                    target = ".".join(anchor + [target.lstrip(".")]) if target.lstrip(".") else ".".join(anchor)
+                add(target, node.lineno, "import_module")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip and id(node) not in call_args:
+            text = node.value.strip()
+            name = text.split(":", 1)[0] if text.count(":") == 1 else text
+            if ("." in name or ":" in text) and name in modules:
+                add(name, node.lineno, "string")
+    return arrows
 
 
 def order_violations(arrows: list[Arrow], layers: tuple[tuple[str, ...], ...] = LAYERS) -> list[str]:
@@ -226,7 +231,7 @@ def find_cycles(arrows: list[Arrow]) -> list[str]:
             path.append(prev[path[-1]])
         path.reverse()
         path.append(start)
-        steps = [f"{a} -> {b} ({graph[a][b].where()})" for a, b in zip(path, path[1:])]
+        steps = [f"{a} -> {b} ({graph[a][b].where()})" for a, b in itertools.pairwise(path)]
         cycles.append(" -> ".join(path) + "\n    " + "\n    ".join(steps))
     return cycles
 
@@ -283,7 +288,7 @@ def test_checker_passes_a_clean_tree_and_sees_every_kind_of_import(tmp_path):
         "top/cli.py": "from left import m\nfrom right import *\nCOMMANDS = ('left.m', 'eval', 'not.a.module')\n",
         "right/__init__.py": "",
     })
-    arrows, modules = collect_arrows(root, [p for layer in TINY_LAYERS for p in layer])
+    arrows, _ = collect_arrows(root, [p for layer in TINY_LAYERS for p in layer])
     found = {(a.src, a.dst, a.kind) for a in arrows}
     assert found == {
         ("low.sub.deep", "low.core", "import"),
