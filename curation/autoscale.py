@@ -1,6 +1,6 @@
 """AutoScale: a closed-loop real:synthetic data mixture (Graph-RAE clusters -> Cluster-GA -> retrieval).
 
-OUR DESIGN: the AutoScale paper publishes only its abstract (../shared/papers/autoscale_real_synthetic_mixture.md:
+OUR DESIGN: the AutoScale paper (arXiv:2605.21372; docs/methods/autoscale.md) publishes only its abstract (
 Graph-RAE scene representation, Cluster-GA "cluster-aware gradient ascent" on mixture weights driven by
 closed-loop feedback, cluster-guided vector retrieval of high-value samples, an automatic real:synthetic
 ratio). Every step below is our reading, named and configurable:

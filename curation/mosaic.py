@@ -1,5 +1,5 @@
 """MOSAIC (scaling-aware data selection, CVPR 2026): domains -> importance ranking -> per-domain scaling
-laws from pilot runs -> greedy max-marginal-gain allocation. Paper facts: ../shared/papers/mosaic_*.md.
+laws from pilot runs -> greedy max-marginal-gain allocation. Paper: arXiv:2604.08366; docs/methods/mosaic.md.
 
 Steps and our choices where the paper is silent (marked OURS):
 1. Domains: k-means on standardised scene features (`n_domains`, default 4 as in the paper) or a metadata

@@ -1,6 +1,6 @@
 """Scene graphs and Graph-RAE, the graph-regularised autoencoder AutoScale embeds scenes with.
 
-OUR DESIGN throughout: the AutoScale paper (../shared/papers/autoscale_real_synthetic_mixture.md) publishes
+OUR DESIGN throughout: the AutoScale paper (arXiv:2605.21372; docs/methods/autoscale.md) publishes
 only its abstract ("Graph Regularized AutoEncoder for driving scene representations"; a summary adds
 contrastive and metric-learning regularisation). Everything below is ours and configurable.
 

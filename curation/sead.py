@@ -1,5 +1,5 @@
-"""SEAD (active learning from scene embeddings for end-to-end driving). Paper facts:
-../shared/papers/sead_active_learning_scene_embeddings.md (Sec. 3.2, 3.3, Alg. 1).
+"""SEAD ("Active Learning from Scene Embeddings for End-to-End Autonomous Driving", arXiv:2503.11062;
+Sec. 3.2, 3.3, Alg. 1; our choices: docs/methods/sead.md).
 
 Units. A clip is a log/episode: scenes grouped by meta "log_name", ordered by meta "timestamp_s"; a
 scene is one frame of its clip. The budget counts scenes (the ids of the Selection). OURS: if no scene

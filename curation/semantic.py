@@ -1,5 +1,5 @@
 """Semantic scoring (Inoue & Fukushima, "Semantics-Aware Scene Encoder"): error patterns -> contrastive scene
-embedding -> safety-criticality S, rarity R, uncertainty U -> value Q. Paper facts: ../shared/papers/.
+embedding -> safety-criticality S, rarity R, uncertainty U -> value Q. Our choices: docs/methods/semantic_scoring.md.
 
 1. Error pattern (paper eq. 2): deviations e(t+D) = plan - ground truth, D = 1..H (H = 5); the window start t*
    maximises D(t) = sqrt(sum_D alpha_D ||e(t+D)||^2); e_i = [alpha_D e(t*+D)]_D, an (H, 2) sequence.

@@ -1,4 +1,4 @@
-"""One hand-built scene per NAVSIM rule; expected values follow from ../shared/specs/navsim_epdms.md.
+"""One hand-built scene per NAVSIM rule; expected values follow from docs/methods/navsim_epdms.md.
 
 Geometry (lanes 3.5 m wide along +x, lane 0 centred on y = 0; ego = Pacifica, 2.297 m wide, box centre
 1.461 m ahead of the rear axle) is chosen so every expectation can be checked by hand. Most tests score the

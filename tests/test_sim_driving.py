@@ -8,7 +8,7 @@ import pytest
 from datasets_cfg.sources.sim_episode import WARMUP_S
 from datasets_cfg.sources.sim_export import LaneSamples, export_road, route_chain
 
-# NAVSIM's history-comfort bounds (../shared/specs/navsim_epdms.md)
+# NAVSIM's history-comfort bounds (eval/navsim/config.py; docs/methods/navsim_epdms.md)
 LON_ACCEL, LAT_ACCEL, YAW_RATE = (-4.05, 2.40), 4.89, 0.95
 
 

@@ -1,7 +1,7 @@
 """Constants of the NAVSIM PDMS (v1) / EPDMS (v2) scorer, named as in the official devkit.
 
-Every number here comes from ../shared/specs/navsim_epdms.md (read from autonomousvision/navsim, main ~ v2.2
-and v1.1). They are grouped in frozen dataclasses so a caller can see, and only deliberately change, the
+Every number here comes from the official devkit (read from autonomousvision/navsim, main ~ v2.2
+and v1.1; summarised in docs/methods/navsim_epdms.md). They are grouped in frozen dataclasses so a caller can see, and only deliberately change, the
 protocol it is scoring under.
 """
 from __future__ import annotations
