@@ -8,7 +8,7 @@ rear-axle frame at `interval`, 2*`interval`, ... s; NAVSIM's default 8 x 0.5 s).
 `datasets_cfg.schema.Scene` of the current state built from the simulator with the sim source's own export
 functions: 1.5 s of ego / agent history at 2 Hz (current frame last, no future), the road network around
 the ego as lane and drivable-area polygons, the route (the lane chain ahead of the ego), and the driving
-command read from the route (`datasets_cfg.sources.sim_safety.route_command`: left / straight / right).
+command read from the route (`datasets_cfg.sim.safety.route_command`: left / straight / right).
 
 Every 0.5 s the planner is asked for a trajectory; the ego follows it for 0.5 s with NAVSIM's LQR tracker on
 the kinematic bicycle model (eval.navsim.simulate), whose states are written into highway-env's ego each
@@ -100,7 +100,7 @@ def _make_env(name: str, seed: int):
     import gymnasium as gym
     import highway_env  # noqa: F401  (registers the environments)
 
-    from datasets_cfg.sources.sim_episode import ENV_IDS
+    from datasets_cfg.sim.episode import ENV_IDS
 
     if name not in ENV_IDS:
         raise ValueError(f"unknown environment {name!r}; expected one of {sorted(ENV_IDS)}")
@@ -132,7 +132,7 @@ class _Episode:
     """One rollout: the env, the ego state we integrate, and the 2 Hz / 10 Hz records."""
 
     def __init__(self, env_name: str, seed: int, protocol: Protocol):
-        from datasets_cfg.sources.sim_export import REAR_AXLE_TO_CENTER, TrackIds, sample_road
+        from datasets_cfg.sim.export import REAR_AXLE_TO_CENTER, TrackIds, sample_road
 
         self.name, self.seed, self.protocol = env_name, seed, protocol
         self.env = _make_env(env_name, seed)
@@ -162,7 +162,7 @@ class _Episode:
         self.ego.on_state_update()
 
     def step(self, s: np.ndarray, t: float) -> None:
-        from datasets_cfg.sources import sim_drivers
+        from datasets_cfg.sim import drivers as sim_drivers
 
         u = self.env.unwrapped
         self._write_ego(s)
@@ -180,7 +180,7 @@ class _Episode:
 
     def record(self) -> None:
         """Append the current 2 Hz frame (ego, agents, route)."""
-        from datasets_cfg.sources.sim_export import export_vehicles, lane_id
+        from datasets_cfg.sim.export import export_vehicles, lane_id
 
         s = self.state
         f = len(self.frames)
@@ -194,8 +194,8 @@ class _Episode:
 
     # ---- ScenePool rows
     def row(self, first: int, current: int, last: int, id: str) -> dict:
-        from datasets_cfg.sources.sim_export import export_road
-        from datasets_cfg.sources.sim_safety import driving_command, route_command
+        from datasets_cfg.sim.export import export_road
+        from datasets_cfg.sim.safety import driving_command, route_command
 
         span = range(first, last + 1)
         ego = {k: [] for k in EGO_FIELDS}
@@ -248,7 +248,7 @@ def _valid(poses, num_poses: int) -> bool:
 def run_episode(planner: Planner, env_name: str, seed: int, duration_s: float = 15.0, num_poses: int = 8, interval: float = 0.5,
                 protocol: Protocol = DEFAULT) -> dict:
     """Roll out one episode; returns its row (see the module docstring)."""
-    from datasets_cfg.sources.sim_export import lane_id
+    from datasets_cfg.sim.export import lane_id
 
     ep = _Episode(env_name, seed, protocol)
     sp = protocol.scorer
@@ -303,7 +303,7 @@ def _route_polyline(ep: _Episode, route: list) -> Polyline | None:
 
 def _summarise(ep: _Episode, executed: np.ndarray, route: Polyline | None, limit: float, duration_s: float, crash_time, failures: int,
                n_frames: int, protocol: Protocol) -> dict:
-    from datasets_cfg.sources.sim_export import export_road
+    from datasets_cfg.sim.export import export_road
     from eval.navsim.agents import human
     from eval.navsim.config import VehicleParams
     from eval.navsim.scorer import score_scenes

@@ -84,7 +84,7 @@ def test_bad_arguments():
 def test_route_command_reads_the_route_ahead_like_the_future_based_command(yaw_rate, expected):
     """A road that follows the ego's constant-yaw-rate path: the route turns by yaw_rate * 4 s over the 40 m the ego
     covers in 4 s at 10 m/s; the route command (no future needed) equals the future-based command of the same row."""
-    from datasets_cfg.sources.sim_safety import driving_command, route_command
+    from datasets_cfg.sim.safety import driving_command, route_command
     from tests.curation_helpers import scene_row
 
     row = scene_row("s", speed=10.0, yaw_rate=yaw_rate)

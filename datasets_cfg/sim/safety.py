@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from common.geometry import box_corners, global_to_local, wrap_angle
-from datasets_cfg.sources.sim_export import REAR_AXLE_TO_CENTER
+from datasets_cfg.sim.export import REAR_AXLE_TO_CENTER
 
 NEAR_MISS_GAP_M = 1.0
 NEAR_MISS_TTC_S = 1.5

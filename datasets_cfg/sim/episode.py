@@ -14,10 +14,10 @@ Route (map.route) of a scene: a connected chain of lanes in driving order, one l
 (highway-env edge (from, to)) along the ego's path: for each segment the lane the ego is in when it leaves
 it, or at the scene's last frame (after a completed lane change, the lane it changed to; at a junction,
 where highway-env's nearest lane flickers between crossing lanes, the lane it follows), then the lanes
-highway-env will follow after the last frame (`sim_drivers.path_ahead`, ROUTE_AHEAD_M). A lane that does
+highway-env will follow after the last frame (`drivers.path_ahead`, ROUTE_AHEAD_M). A lane that does
 not lead into the next one (a lane change in a later segment) is replaced by its neighbour that does, a
 junction gap is bridged by its connector, and the chain is cut where nothing connects
-(`sim_export.route_chain`). Every lane of a route segment is on_route (`sim_export.export_road`).
+(`export.route_chain`). Every lane of a route segment is on_route (`export.export_road`).
 
 The plan of episode i depends only on (seed, i, envs, synthetic fraction, image settings), never on how
 many scenes are asked for, so a pool can be extended later without touching finished episodes.
@@ -32,14 +32,22 @@ from pathlib import Path
 import numpy as np
 
 from datasets_cfg.schema import EGO_FIELDS, new_row
-from datasets_cfg.sources import sim_drivers as drivers
-from datasets_cfg.sources.sim_annotate import annotate
-from datasets_cfg.sources.sim_export import (
-    AGENT_RADIUS, REAR_AXLE_TO_CENTER, TrackIds, ego_state, export_road, export_vehicles, lane_id, route_chain, sample_road,
+from datasets_cfg.sim import drivers
+from datasets_cfg.sim.annotate import annotate
+from datasets_cfg.sim.export import (
+    AGENT_RADIUS,
+    REAR_AXLE_TO_CENTER,
+    TrackIds,
+    ego_state,
+    export_road,
+    export_vehicles,
+    lane_id,
+    route_chain,
+    sample_road,
     yaw_rate_sim,
 )
-from datasets_cfg.sources.sim_render import VIEW_METERS, apply_effects, image_stats, render, save_image, setup_viewer
-from datasets_cfg.sources.sim_safety import driving_command, is_near_miss, scene_safety
+from datasets_cfg.sim.render import VIEW_METERS, apply_effects, image_stats, render, save_image, setup_viewer
+from datasets_cfg.sim.safety import driving_command, is_near_miss, scene_safety
 
 ENV_IDS = {
     "highway": "highway-v0", "merge": "merge-v1", "roundabout": "roundabout-v1", "intersection": "intersection-v2",
@@ -313,7 +321,7 @@ class EpisodeRunner:
             "event_time_s": round(plan.event_frame * DT, 6) if plan.event_frame >= 0 else None,
             "render_shift": plan.render_shift,
             "simulated_attributes": {"lighting": plan.lighting, "weather": plan.weather,
-                                     "note": "highway-env has no weather or lighting: these tags, their render effects and driver reactions are simulated by datasets_cfg.sources.sim"},
+                                     "note": "highway-env has no weather or lighting: these tags, their render effects and driver reactions are simulated by datasets_cfg.sim"},
             "ego_size": {"length": frames[c]["ego"]["length"], "width": frames[c]["ego"]["width"], "rear_axle_to_center": REAR_AXLE_TO_CENTER},
             "render": {"frame_index": c - first, "camera": "bev", "pixels_per_meter": plan.pixels_per_meter,
                        "image_size": [plan.image_size, plan.image_size], "centering": [0.5, 0.5], "y_axis": "up",
