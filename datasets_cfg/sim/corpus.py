@@ -27,7 +27,8 @@ from collections import Counter
 from pathlib import Path
 
 from common.atomic import atomic_path, write_json
-from datasets_cfg.sim.episode import DEFAULT_ENVS, ENV_IDS, EpisodeRunner, plan_episode
+from datasets_cfg.sim.episode import DEFAULT_ENVS, EpisodeRunner, plan_episode
+from datasets_cfg.sim.world import ENV_IDS
 
 CONFIG_KEYS = ("seed", "envs", "synthetic_fraction", "scenes_per_episode", "stride", "image_size", "image_format")
 FORMAT_VERSION = 1  # layout of the output directory

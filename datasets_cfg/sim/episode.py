@@ -1,9 +1,9 @@
 """One simulated episode: its plan, its rollout in highway-env, and its cut into 2 Hz ScenePool rows.
 
 An episode is a log. It is recorded at the policy frequency (2 Hz, the scene rate) while highway-env
-integrates at SIM_HZ. Recording starts after WARMUP_S seconds of simulation, so the spawn transient
-(vehicles placed at arbitrary speeds and gaps, braking and accelerating hard to settle) is in no scene.
-With `scenes` scenes per episode and `stride` frames between them, frames
+integrates at SIM_HZ (world.py makes the env and ticks it, as for closed-loop evaluation). Recording starts
+after WARMUP_S seconds of simulation, so the spawn transient (vehicles placed at arbitrary speeds and gaps,
+braking and accelerating hard to settle) is in no scene. With `scenes` scenes per episode and `stride` frames between them, frames
 0 .. HISTORY + (scenes-1)*stride + FUTURE are simulated; the scene with current frame c holds frames
 c-HISTORY .. c+FUTURE (1.5 s of history, 4 s of future) and renders of c-HISTORY .. c, so renders are
 only drawn for frames some scene shows. If the ego crashes at frame k, only scenes with c < k are kept
@@ -25,7 +25,6 @@ many scenes are asked for, so a pool can be extended later without touching fini
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,13 +47,10 @@ from datasets_cfg.sim.export import (
 )
 from datasets_cfg.sim.render import VIEW_METERS, apply_effects, image_stats, render, save_image, setup_viewer
 from datasets_cfg.sim.safety import driving_command, is_near_miss, scene_safety
+from datasets_cfg.sim.world import DT, ENV_IDS, FREQUENCIES, SIM_HZ, SUBSTEPS, make_env, tick
 
-ENV_IDS = {
-    "highway": "highway-v0", "merge": "merge-v1", "roundabout": "roundabout-v1", "intersection": "intersection-v2",
-    "exit": "exit-v1", "two-way": "two-way-v0", "u-turn": "u-turn-v1", "racetrack": "racetrack-v1",
-}
 DEFAULT_ENVS = ("highway", "merge", "roundabout", "intersection", "exit", "two-way", "u-turn")
-HISTORY, FUTURE, DT, SIM_HZ = 3, 8, 0.5, 10
+HISTORY, FUTURE = 3, 8  # frames (DT apart) of history and future in a scene
 WARMUP_S = 5.0  # s simulated before frame 0 (spawn transient)
 ROUTE_AHEAD_M = 120.0  # m of route past the ego's target lane, recorded every frame
 MAP_MARGIN_M = 80.0
@@ -155,16 +151,7 @@ class EpisodeRunner:
 
     def env(self, name: str):
         if name not in self._envs:
-            # headless pygame without SDL's "XDG_RUNTIME_DIR" complaint; "dummy" would switch highway-env's
-            # viewer off and leave every render blank, so refuse it.
-            if os.environ.setdefault("SDL_VIDEODRIVER", "offscreen") == "dummy":
-                raise RuntimeError("SDL_VIDEODRIVER=dummy disables highway-env rendering (blank images); unset it or use 'offscreen'")
-            import gymnasium as gym
-            import highway_env  # noqa: F401  (registers the environments)
-
-            if name not in ENV_IDS:
-                raise ValueError(f"unknown environment {name!r}; expected one of {sorted(ENV_IDS)}")
-            env = gym.make(ENV_IDS[name], render_mode="rgb_array", config={"offscreen_rendering": True})
+            env = make_env(name, render=True)
             self._envs[name] = env
             self._defaults[name] = dict(env.unwrapped.config)
         return self._envs[name]
@@ -181,7 +168,7 @@ class EpisodeRunner:
         env = self.env(plan.env)
         u = env.unwrapped
         config = dict(self._defaults[plan.env])
-        config.update({"simulation_frequency": SIM_HZ, "policy_frequency": int(round(1 / DT)), "offscreen_rendering": True})
+        config.update({**FREQUENCIES, "offscreen_rendering": True})
         config.update(DENSITY_CONFIG.get(plan.env, {}).get(plan.density, {}))
         if plan.destination:
             config["destination"] = plan.destination
@@ -256,19 +243,11 @@ class EpisodeRunner:
 
     @staticmethod
     def _advance(env, plan: EpisodePlan, f: int, signals: list) -> None:
-        """Simulate from frame f to f + 1 (SIM_HZ steps), appending (time, accel, yaw rate) of the ego per step."""
+        """Simulate from frame f to f + 1 (SUBSTEPS ticks), appending (time, accel, yaw rate) of the ego per tick."""
         u = env.unwrapped
-        substeps = int(round(DT * SIM_HZ))
-        for k in range(substeps):
-            u.road.act()
-            u.road.step(1.0 / SIM_HZ)
+        for k in range(SUBSTEPS):
+            tick(env, plan.env, f * SUBSTEPS + k + 1)  # ticks counted from frame 0
             signals.append((f * DT + (k + 0.5) / SIM_HZ, *can_signals(u.vehicle)))
-        u.time += DT
-        if plan.env == "intersection" and f % 2 == 1:  # what IntersectionEnv.step does once per second
-            u._clear_vehicles()
-            u._spawn_vehicle(spawn_probability=u.config["spawn_probability"])
-        if f % 4 == 3:
-            drivers.cull_far_vehicles(env)
 
     @staticmethod
     def _event(env, plan: EpisodePlan, rng) -> tuple[list[str], object]:
