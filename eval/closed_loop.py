@@ -8,7 +8,8 @@ rear-axle frame at `interval`, 2*`interval`, ... s; NAVSIM's default 8 x 0.5 s).
 `datasets_cfg.schema.Scene` of the current state built from the simulator with the simulator's own world
 module (`datasets_cfg.sim.world`: the env, its tick and its export, shared with `mose simulate`): 1.5 s of ego / agent history at 2 Hz (current frame last, no future), the road network around
 the ego as lane and drivable-area polygons, the route (the lane chain ahead of the ego), and the driving
-command read from the route (`datasets_cfg.sim.safety.route_command`: left / straight / right).
+command read from the route (`datasets_cfg.sim.command.route_command`: left / straight / right; the same
+command the fast pilot's planner adapter gives its pilot).
 
 Every 0.5 s the planner is asked for a trajectory; the ego follows it for 0.5 s with NAVSIM's LQR tracker on
 the kinematic bicycle model (eval.navsim.simulate), whose states are written into highway-env's ego each
@@ -40,6 +41,7 @@ import numpy as np
 
 from common.geometry import local_to_global
 from datasets_cfg.schema import EGO_FIELDS, Scene, new_row, validate_row
+from datasets_cfg.sim.command import driving_command, route_command
 from datasets_cfg.sim.world import (
     DT,
     FREQUENCIES,
@@ -157,8 +159,6 @@ class _Episode:
 
     # ---- ScenePool rows
     def row(self, first: int, current: int, last: int, id: str) -> dict:
-        from datasets_cfg.sim.safety import driving_command, route_command
-
         span = range(first, last + 1)
         ego = {k: [] for k in EGO_FIELDS}
         for f in span:

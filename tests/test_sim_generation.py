@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from datasets_cfg.schema import ScenePool, new_row
+from datasets_cfg.sim.command import driving_command
 from datasets_cfg.sim.corpus import generate, read_shard, shard_path
 from datasets_cfg.sim.episode import EpisodeRunner, plan_episode
-from datasets_cfg.sim.safety import driving_command, is_near_miss, scene_safety
+from datasets_cfg.sim.safety import is_near_miss, scene_safety
 from datasets_cfg.sim.stats import distribution_distance, mmd, sliced_wasserstein
 
 SMALL = dict(envs="two-way,merge", synthetic_fraction=0.5, scenes_per_episode=3, progress=False)

@@ -33,6 +33,7 @@ import numpy as np
 from datasets_cfg.schema import EGO_FIELDS, new_row
 from datasets_cfg.sim import drivers
 from datasets_cfg.sim.annotate import annotate
+from datasets_cfg.sim.command import driving_command
 from datasets_cfg.sim.export import (
     AGENT_RADIUS,
     REAR_AXLE_TO_CENTER,
@@ -46,7 +47,7 @@ from datasets_cfg.sim.export import (
     yaw_rate_sim,
 )
 from datasets_cfg.sim.render import VIEW_METERS, apply_effects, image_stats, render, save_image, setup_viewer
-from datasets_cfg.sim.safety import driving_command, is_near_miss, scene_safety
+from datasets_cfg.sim.safety import is_near_miss, scene_safety
 from datasets_cfg.sim.world import DT, ENV_IDS, FREQUENCIES, SIM_HZ, SUBSTEPS, make_env, tick
 
 DEFAULT_ENVS = ("highway", "merge", "roundabout", "intersection", "exit", "two-way", "u-turn")
