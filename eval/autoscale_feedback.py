@@ -7,7 +7,7 @@
 1. trains the fast pilot (eval/pilot.py: ridge on `curation.features.planner_inputs`, residual to a
    constant-speed/yaw-rate rollout) from scratch on `ids`;
 2. drives it in highway-env with `eval.closed_loop.run_closed_loop` for `episodes` episodes cycling through
-   `envs`, episode seeds `seed`, `seed + 1`, ... (use seeds no training scene came from; the sim source draws
+   `envs`, episode seeds `seed`, `seed + 1`, ... (use seeds no training scene came from; the simulator draws
    31-bit episode seeds, so small integers are practically disjoint);
 3. optionally scores it open loop with EPDMS on held-out scenes (`heldout_ids`), mixed in with
    `open_loop_weight`.

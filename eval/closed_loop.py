@@ -5,11 +5,12 @@
 
 A planner is any callable `planner(observation) -> (N, 3) poses` (x, y, heading in the current ego
 rear-axle frame at `interval`, 2*`interval`, ... s; NAVSIM's default 8 x 0.5 s). The observation is a
-`datasets_cfg.schema.Scene` of the current state built from the simulator with the simulator's own world
-module (`datasets_cfg.sim.world`: the env, its tick and its export, shared with `mose simulate`): 1.5 s of ego / agent history at 2 Hz (current frame last, no future), the road network around
-the ego as lane and drivable-area polygons, the route (the lane chain ahead of the ego), and the driving
-command read from the route (`datasets_cfg.sim.command.route_command`: left / straight / right; the same
-command the fast pilot's planner adapter gives its pilot).
+`datasets_cfg.schema.Scene` of the current state built with the simulator's own world module
+(`datasets_cfg.sim.world`: the env, its tick and its export, shared with `mose simulate`): 1.5 s of ego /
+agent history at 2 Hz (current frame last, no future), the road network around the ego as lane and
+drivable-area polygons, the route (the lane chain ahead of the ego), and the driving command read from the
+route (`datasets_cfg.sim.command.route_command`: left / straight / right; the same command the fast pilot's
+planner adapter gives its pilot).
 
 Every 0.5 s the planner is asked for a trajectory; the ego follows it for 0.5 s with NAVSIM's LQR tracker on
 the kinematic bicycle model (eval.navsim.simulate), whose states are written into highway-env's ego each
