@@ -5,7 +5,7 @@
 
 Pool: an existing `mose simulate` pool (--pool) or a fresh one (--scenes, synthetic fraction 0.5, all default
 environments; written under --work). "real" = highway-env's default settings, "synthetic" = perturbed ones
-(datasets_cfg/sources/sim_episode.py). The benchmark's test domain is the real one: closed-loop episodes in the
+(datasets_cfg/sim/episode.py). The benchmark's test domain is the real one: closed-loop episodes in the
 default environments.
 
 Arms, each with exactly `budget` training scenes, per seed:
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     if args.pool:
         pool_dir = Path(args.pool)
     else:
-        from datasets_cfg.sources.sim import generate
+        from datasets_cfg.sim.corpus import generate
 
         pool_dir = Path(args.work) / f"pool{args.scenes}"
         generate(pool_dir, args.scenes, envs, seed=7, synthetic_fraction=0.5, image_size=32, progress=False)

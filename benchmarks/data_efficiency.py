@@ -141,7 +141,7 @@ def get_pool(args, progress: bool):
 
     if args.pool:
         return ScenePool.load(args.pool)
-    from datasets_cfg.sources.sim import GENERATOR_VERSION, generate
+    from datasets_cfg.sim.corpus import GENERATOR_VERSION, generate
 
     out = Path(args.out) / "pool"
     if (out / "pool.json").is_file() and json.loads((out / "pool.json").read_text()).get("num_scenes") == args.scenes:

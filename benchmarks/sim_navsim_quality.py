@@ -35,8 +35,8 @@ def _means(rows, keys) -> dict:
 
 def episode_crash_rates(pool_dir: Path) -> dict:
     """Per source: episodes simulated, how many had an ego crash, and the rate (from the shards on disk)."""
-    from datasets_cfg.sources.sim import read_shard
-    from datasets_cfg.sources.sim_episode import plan_episode
+    from datasets_cfg.sim.corpus import read_shard
+    from datasets_cfg.sim.episode import plan_episode
 
     cfg = json.loads((pool_dir / "sim_config.json").read_text())
     prefix = f"sim-s{cfg['seed']}-e"
@@ -64,7 +64,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from datasets_cfg.schema import ScenePool
-    from datasets_cfg.sources.sim import generate
+    from datasets_cfg.sim.corpus import generate
     from eval.navsim import agents as A
     from eval.navsim.config import V2_COLUMNS
     from eval.navsim.scorer import mean_score, score_scenes

@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from datasets_cfg.sources.sim import generate
+    from datasets_cfg.sim.corpus import generate
 
     runs = []
     for r in range(args.repeats):

@@ -43,7 +43,7 @@ TRAJECTORY_TASKS = ("trajectory", "plan", "planning", "waypoints")
 HORIZON_S = 4.0  # future horizon described in the templated prediction / planning text (8 poses x 0.5 s)
 DYNAMIC = ("vehicle", "pedestrian", "bicycle")
 NEAR_M = 50.0  # agents farther than this are not described
-TURN_RAD = 0.6  # heading change over the horizon that makes a manoeuvre a turn
+MANOEUVRE_TURN_RAD = 0.6  # heading change over the horizon that makes a described manoeuvre (an agent's or the plan's) a turn
 PATH_HALF_WIDTH_M = 1.75  # the ego's path: a lane-wide corridor straight ahead in the ego frame
 _SENTENCE = re.compile(r"[^.!?;\n]*(?:[.!?;]+|\n|$)\s*")
 
@@ -314,7 +314,7 @@ def _intent(row: dict, glob, agents, i: int, ci: int) -> str:
     lat = -math.sin(h0) * d[0] + math.cos(h0) * d[1]  # sideways displacement in its own frame at the current time
     v1 = float(np.hypot(*v[-1]))
     moves = []
-    if abs(turn) > TURN_RAD and v0 > 0.5:
+    if abs(turn) > MANOEUVRE_TURN_RAD and v0 > 0.5:
         moves.append(f"turn {'left' if turn > 0 else 'right'}")
     elif abs(lat) > 1.5 and v0 > 0.5:
         moves.append(f"move {abs(lat):.1f} m to its {'left' if lat > 0 else 'right'}")
@@ -384,7 +384,7 @@ def _longitudinal(v0: float, v1: float) -> str:
 
 def _lateral(fut: np.ndarray) -> str:
     y, h = float(fut[-1, 1]), float(fut[-1, 2])
-    if abs(h) > TURN_RAD:
+    if abs(h) > MANOEUVRE_TURN_RAD:
         return f"Turn {'left' if h > 0 else 'right'}."
     if abs(y) > 2.0:
         return f"Change to the {'left' if y > 0 else 'right'} lane."

@@ -7,7 +7,7 @@
 1. trains the fast pilot (eval/pilot.py: ridge on `curation.features.planner_inputs`, residual to a
    constant-speed/yaw-rate rollout) from scratch on `ids`;
 2. drives it in highway-env with `eval.closed_loop.run_closed_loop` for `episodes` episodes cycling through
-   `envs`, episode seeds `seed`, `seed + 1`, ... (use seeds no training scene came from; the sim source draws
+   `envs`, episode seeds `seed`, `seed + 1`, ... (use seeds no training scene came from; the simulator draws
    31-bit episode seeds, so small integers are practically disjoint);
 3. optionally scores it open loop with EPDMS on held-out scenes (`heldout_ids`), mixed in with
    `open_loop_weight`.
@@ -15,11 +15,11 @@ The score (OURS, `metric`): "epdms" = mean closed-loop EPDMS of the executed dri
 "driving_score" = mean over episodes of route_completion x (no crash) x (on road); "no_crash" = 1 - crash
 rate; "route_completion". Returned with the closed-loop means and the pilot's fit statistics.
 
-Closed-loop observations carry no driving command (the future is unknown), while the pilot learned from
-scenes whose command came from their logged future. OURS: the planner adapter derives the command from
-the route the observation carries: "left"/"right" when the route centreline turns by more than 0.35 rad
-(the sim source's threshold) between the ego's projection and `speed x 4 s` ahead, or ends more than 3 m to
-the side; else "straight".
+Closed-loop observations have no future to read the driving command from, while the pilot learned from
+scenes whose command came from their logged future. OURS: the planner adapter (command="route") gives the
+pilot the command read from the route the observation carries, `datasets_cfg.sim.command.route_command`
+(the one closed-loop observations carry: "left"/"right" when the route centreline `speed x 4 s` ahead is
+turned by more than 0.35 rad or lies more than 3 m to the side; else "straight"; "unknown" without a route).
 """
 from __future__ import annotations
 
@@ -31,29 +31,10 @@ import numpy as np
 
 from common.geometry import wrap_angle
 from datasets_cfg.schema import Scene
+from datasets_cfg.sim.command import route_command
 
 METRICS = ("epdms", "driving_score", "no_crash", "route_completion")
-TURN_RAD, SIDE_M, HORIZON_S = 0.35, 3.0, 4.0
 NO_HELDOUT = "__autoscale_closed_loop_only__"  # FastPilot needs an evaluation id; none is used closed loop only
-
-
-def route_command(obs: Scene, horizon_s: float = HORIZON_S) -> str:
-    """left / straight / right from the route ahead of the ego (see the module doc)."""
-    from shapely import Point
-
-    line = obs.route_centerline(frame="ego")
-    if line is None or line.length == 0:
-        return "straight"
-    v = max(float(obs["ego"]["speed"][obs.current_index]), 1.0)
-    s0 = line.project(Point(0.0, 0.0))
-    s1 = min(s0 + v * horizon_s, line.length)
-    a, b = line.interpolate(max(s1 - 1.0, 0.0)), line.interpolate(s1)
-    h = math.atan2(b.y - a.y, b.x - a.x)
-    if h > TURN_RAD or b.y > SIDE_M:
-        return "left"
-    if h < -TURN_RAD or b.y < -SIDE_M:
-        return "right"
-    return "straight"
 
 
 def pilot_planner(pilot, command: str = "route"):

@@ -5,10 +5,12 @@
 
 A planner is any callable `planner(observation) -> (N, 3) poses` (x, y, heading in the current ego
 rear-axle frame at `interval`, 2*`interval`, ... s; NAVSIM's default 8 x 0.5 s). The observation is a
-`datasets_cfg.schema.Scene` of the current state built from the simulator with the sim source's own export
-functions: 1.5 s of ego / agent history at 2 Hz (current frame last, no future), the road network around
-the ego as lane and drivable-area polygons, the route (the lane chain ahead of the ego), and the driving
-command read from the route (`datasets_cfg.sources.sim_safety.route_command`: left / straight / right).
+`datasets_cfg.schema.Scene` of the current state built with the simulator's own world module
+(`datasets_cfg.sim.world`: the env, its tick and its export, shared with `mose simulate`): 1.5 s of ego /
+agent history at 2 Hz (current frame last, no future), the road network around the ego as lane and
+drivable-area polygons, the route (the lane chain ahead of the ego), and the driving command read from the
+route (`datasets_cfg.sim.command.route_command`: left / straight / right; the same command the fast pilot's
+planner adapter gives its pilot).
 
 Every 0.5 s the planner is asked for a trajectory; the ego follows it for 0.5 s with NAVSIM's LQR tracker on
 the kinematic bicycle model (eval.navsim.simulate), whose states are written into highway-env's ego each
@@ -38,15 +40,33 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from common.geometry import local_to_global, wrap_angle
+from common.geometry import local_to_global
 from datasets_cfg.schema import EGO_FIELDS, Scene, new_row, validate_row
+from datasets_cfg.sim.command import driving_command, route_command
+from datasets_cfg.sim.world import (
+    DT,
+    FREQUENCIES,
+    REAR_AXLE_TO_CENTER,
+    SUBSTEPS,
+    TrackIds,
+    ego_lane_speed_limit,
+    ego_state,
+    export_road,
+    export_vehicles,
+    hold_ego,
+    make_env,
+    place_ego,
+    route_ahead,
+    sample_road,
+    tick,
+)
 from eval.navsim import comfort as comfort_mod
 from eval.navsim.config import AX, DEFAULT, HEADING, VX, YAW_RATE, Protocol, X, Y
 from eval.navsim.geometry import PolygonSet, Polyline, ego_boxes
 from eval.navsim.simulate import initial_state, interpolate_poses, track
 
 Planner = Callable[[Scene], np.ndarray]
-HISTORY, FUTURE, DT, SUBSTEPS = 3, 8, 0.5, 5
+HISTORY, FUTURE = 3, 8  # decisions (DT apart) of history and future in a scored scene
 MAP_MARGIN_M = 80.0
 ROUTE_AHEAD_M = 300.0
 
@@ -97,91 +117,37 @@ def _agent(name, scenes, num_poses, interval):
 
 
 def _make_env(name: str, seed: int):
-    import gymnasium as gym
-    import highway_env  # noqa: F401  (registers the environments)
-
-    from datasets_cfg.sources.sim_episode import ENV_IDS
-
-    if name not in ENV_IDS:
-        raise ValueError(f"unknown environment {name!r}; expected one of {sorted(ENV_IDS)}")
-    env = gym.make(ENV_IDS[name], config={"offscreen_rendering": True, "simulation_frequency": int(SUBSTEPS / DT), "policy_frequency": int(1 / DT)})
+    env = make_env(name, config=FREQUENCIES)
     env.reset(seed=int(seed))
     return env
-
-
-def _route_ahead(env, length: float = ROUTE_AHEAD_M) -> list:
-    """Lane indices from the ego's lane forward (following the ego's planned route where it has one)."""
-    u = env.unwrapped
-    ego, net = u.vehicle, u.road.network
-    idx = ego.lane_index
-    out, total = [idx], net.get_lane(idx).length - net.get_lane(idx).local_coordinates(ego.position)[0]
-    rng = np.random.RandomState(0)
-    while total < length and len(out) < 50:
-        try:
-            nxt = net.next_lane(out[-1], route=list(ego.route) if getattr(ego, "route", None) else None, position=ego.position, np_random=rng)
-        except (KeyError, IndexError, ValueError):
-            break
-        if nxt is None or nxt == out[-1] or nxt[:2] == out[-1][:2]:
-            break
-        out.append(nxt)
-        total += net.get_lane(nxt).length
-    return out
 
 
 class _Episode:
     """One rollout: the env, the ego state we integrate, and the 2 Hz / 10 Hz records."""
 
     def __init__(self, env_name: str, seed: int, protocol: Protocol):
-        from datasets_cfg.sources.sim_export import REAR_AXLE_TO_CENTER, TrackIds, sample_road
-
         self.name, self.seed, self.protocol = env_name, seed, protocol
         self.env = _make_env(env_name, seed)
-        u = self.env.unwrapped
-        self.ego = u.vehicle
-        self.ego.step = lambda dt: None  # our controller moves the ego; highway-env only checks its collisions
-        self.ego.act = lambda *a, **k: None
+        self.ego = hold_ego(self.env)  # our controller moves the ego; highway-env only checks its collisions
         self.lanes = sample_road(self.env, env_name)
         self.track_ids = TrackIds()
-        self.offset = REAR_AXLE_TO_CENTER
         self.size = {"length": float(self.ego.LENGTH), "width": float(self.ego.WIDTH), "rear_axle_to_center": REAR_AXLE_TO_CENTER}
-        h = float(wrap_angle(-self.ego.heading))
-        center = np.array([self.ego.position[0], -self.ego.position[1]])
-        rear = center - self.offset * np.array([np.cos(h), np.sin(h)])
-        self.state = initial_state(np.array([rear[0], rear[1], h]), float(self.ego.speed), 0.0, 0.0, 0.0, protocol)
+        st = ego_state(self.env)
+        self.state = initial_state(np.array([st["x"], st["y"], st["heading"]]), st["speed"], 0.0, 0.0, 0.0, protocol)
         self.frames: list[dict] = []
         self.states: list[np.ndarray] = [self.state.copy()]
         self.log_name = f"closed-loop-{env_name}-s{seed}"
 
     # ---- simulator I/O
-    def _write_ego(self, s: np.ndarray) -> None:
-        h = s[HEADING]
-        center = s[[X, Y]] + self.offset * np.array([np.cos(h), np.sin(h)])
-        self.ego.position = np.array([center[0], -center[1]], dtype=float)
-        self.ego.heading = float(-h)
-        self.ego.speed = float(s[VX])
-        self.ego.on_state_update()
-
     def step(self, s: np.ndarray, t: float) -> None:
-        from datasets_cfg.sources import sim_drivers
-
-        u = self.env.unwrapped
-        self._write_ego(s)
-        u.road.act()
-        u.road.step(DT / SUBSTEPS)
+        """Write the ego state `s` into the simulator, then tick it once (the other vehicles act and move)."""
+        place_ego(self.env, s[[X, Y, HEADING]], s[VX])
         self.state = s
         self.states.append(s.copy())
-        u.time += DT / SUBSTEPS
-        k = len(self.states) - 1
-        if self.name == "intersection" and k % 10 == 0:  # what IntersectionEnv.step does once per second
-            u._clear_vehicles()
-            u._spawn_vehicle(spawn_probability=u.config["spawn_probability"])
-        if k % 20 == 0:
-            sim_drivers.cull_far_vehicles(self.env)
+        tick(self.env, self.name, len(self.states) - 1)  # ticks counted from the episode's start
 
     def record(self) -> None:
         """Append the current 2 Hz frame (ego, agents, route)."""
-        from datasets_cfg.sources.sim_export import export_vehicles, lane_id
-
         s = self.state
         f = len(self.frames)
         agents = export_vehicles(self.env, f, self.track_ids)
@@ -189,14 +155,11 @@ class _Episode:
             agents.pop(k, None)
         ego = {"x": float(s[X]), "y": float(s[Y]), "heading": float(s[HEADING]), "speed": float(s[VX]), "accel": float(s[AX]),
                "accel_lat": float(s[VX] * s[YAW_RATE]), "yaw_rate": float(s[YAW_RATE])}
-        route = [lane_id(i) for i in _route_ahead(self.env)]
+        route = route_ahead(self.env, ROUTE_AHEAD_M)
         self.frames.append({"ego": ego, "agents": agents, "route": route})
 
     # ---- ScenePool rows
     def row(self, first: int, current: int, last: int, id: str) -> dict:
-        from datasets_cfg.sources.sim_export import export_road
-        from datasets_cfg.sources.sim_safety import driving_command, route_command
-
         span = range(first, last + 1)
         ego = {k: [] for k in EGO_FIELDS}
         for f in span:
@@ -248,15 +211,13 @@ def _valid(poses, num_poses: int) -> bool:
 def run_episode(planner: Planner, env_name: str, seed: int, duration_s: float = 15.0, num_poses: int = 8, interval: float = 0.5,
                 protocol: Protocol = DEFAULT) -> dict:
     """Roll out one episode; returns its row (see the module docstring)."""
-    from datasets_cfg.sources.sim_export import lane_id
-
     ep = _Episode(env_name, seed, protocol)
     sp = protocol.scorer
     steps = int(round(sp.horizon_s / sp.dt))
     n_decisions = int(round(duration_s / DT))
     failures, crash_time, decisions = 0, None, 0
-    start_route = _route_polyline(ep, [lane_id(i) for i in _route_ahead(ep.env)])
-    limit = ep.env.unwrapped.road.network.get_lane(ep.ego.lane_index).speed_limit or 20.0
+    start_route = _route_polyline(ep, route_ahead(ep.env, ROUTE_AHEAD_M))
+    limit = ego_lane_speed_limit(ep.env) or 20.0
     for d in range(n_decisions):
         ep.record()
         if ep.ego.crashed:
@@ -303,7 +264,6 @@ def _route_polyline(ep: _Episode, route: list) -> Polyline | None:
 
 def _summarise(ep: _Episode, executed: np.ndarray, route: Polyline | None, limit: float, duration_s: float, crash_time, failures: int,
                n_frames: int, protocol: Protocol) -> dict:
-    from datasets_cfg.sources.sim_export import export_road
     from eval.navsim.agents import human
     from eval.navsim.config import VehicleParams
     from eval.navsim.scorer import score_scenes

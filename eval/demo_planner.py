@@ -27,7 +27,7 @@ import numpy as np
 from common.constants import REAR_AXLE_TO_CENTER
 from mose.skill_format import NUM_POSES, parse_answer
 
-VIEW_METERS = 75.0  # the simulator render's field of view (datasets_cfg/sources/sim_render.py)
+VIEW_METERS = 75.0  # the simulator render's field of view (datasets_cfg/sim/render.py)
 ROAD, LINE, EGO, OTHER = (100, 100, 100), (255, 255, 255), (50, 200, 0), (100, 200, 255)
 
 

@@ -33,7 +33,7 @@ def final_model(run_dir: Path, model: str) -> Path:
 
 
 def simulate(ctx) -> dict:
-    from datasets_cfg.sources.sim import generate
+    from datasets_cfg.sim.corpus import generate
 
     c = ctx.cfg["simulate"]
     out = {}

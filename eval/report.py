@@ -250,7 +250,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path) -> dict:
                      p.get("episodes_in_pool"), ", ".join(f"{k} {v}" for k, v in sorted(p.get("environments", {}).items())),
                      p.get("crash"), p.get("near_miss"), p.get("seed")])
     md.append(table(["pool", "scenes", "real", "synthetic", "logs", "environments", "crash", "near miss", "seed"], rows))
-    md.append("Source: `simulate/summary.json` (highway-env via `datasets_cfg/sources/sim.py`). Real = default simulator "
+    md.append("Source: `simulate/summary.json` (highway-env via `datasets_cfg/sim/corpus.py`). Real = default simulator "
               "settings, synthetic = perturbed traffic, events and renders. The held-out pool uses another seed: no shared log.\n\n")
 
     # --- skills and coverage ------------------------------------------------------------------

@@ -84,13 +84,53 @@ def test_bad_arguments():
 def test_route_command_reads_the_route_ahead_like_the_future_based_command(yaw_rate, expected):
     """A road that follows the ego's constant-yaw-rate path: the route turns by yaw_rate * 4 s over the 40 m the ego
     covers in 4 s at 10 m/s; the route command (no future needed) equals the future-based command of the same row."""
-    from datasets_cfg.sources.sim_safety import driving_command, route_command
+    from datasets_cfg.sim.command import driving_command, route_command
     from tests.curation_helpers import scene_row
 
     row = scene_row("s", speed=10.0, yaw_rate=yaw_rate)
     assert route_command(row) == driving_command(row) == expected
     cut = dict(row, map={**row["map"], "route": []})
     assert route_command(cut) == "unknown"
+
+
+@pytest.mark.parametrize("route_lane, expected", [(0, "straight"), (2, "right")])
+def test_route_command_on_highway_env_lanes(route_lane, expected):
+    """Ego in lane 0 of highway-v0's straight road, route on lane `route_lane`. highway-env numbers a road's lanes
+    from its left edge: its LANE_RIGHT action adds one to the lane index, and lane i lies i x 4 m along the
+    screen's y axis, which points down, to the right of a car driving +x (the ScenePool frame mirrors y, so +y is
+    the ego's left). Both facts are checked on highway-env itself below. Lane 2 is then 8 m to the ego's right,
+    beyond the 3 m lane-change offset: the route asks for a lane change to the right, so the command is "right"
+    (and "straight" when the route is the ego's own lane)."""
+    import json
+
+    from highway_env.vehicle.controller import ControlledVehicle
+
+    from datasets_cfg.schema import EGO_FIELDS, new_row
+    from datasets_cfg.sim.command import route_command
+    from datasets_cfg.sim.world import FREQUENCIES, ego_state, export_road, lane_id, make_env, sample_road
+
+    env = make_env("highway", config=FREQUENCIES)
+    env.reset(seed=0)
+    u = env.unwrapped
+    net = u.road.network
+    lane0 = net.get_lane(("0", "1", 0))
+    probe = ControlledVehicle(u.road, lane0.position(100.0, 0.0), heading=lane0.heading_at(100.0), speed=20.0, target_lane_index=("0", "1", 0))
+    probe.act("LANE_RIGHT")
+    assert probe.target_lane_index[2] == 1  # LANE_RIGHT: lane index + 1
+    assert lane0.heading_at(0.0) == 0.0 and net.get_lane(("0", "1", 2)).position(0.0, 0.0)[1] - lane0.position(0.0, 0.0)[1] == 8.0  # +y_sim
+
+    u.vehicle.position, u.vehicle.heading = lane0.position(200.0, 0.0), lane0.heading_at(200.0)
+    u.vehicle.on_state_update()
+    st = ego_state(env)
+    assert st["lane_id"] == lane_id(("0", "1", 0))
+    ego = {k: [0.0] * 4 for k in EGO_FIELDS}
+    ego.update(t=[-1.5, -1.0, -0.5, 0.0], x=[st["x"]] * 4, y=[st["y"]] * 4, heading=[st["heading"]] * 4, speed=[st["speed"]] * 4)
+    region = (st["x"] - 80.0, st["y"] - 80.0, st["x"] + 80.0, st["y"] + 80.0)
+    row = new_row("lanes", "sim", "closed_loop", location="highway", current_index=3, ego=ego,
+                  map=export_road(sample_road(env, "highway"), region, [lane_id(("0", "1", route_lane))], env_name="highway"),
+                  meta=json.dumps({"ego_size": {"length": st["length"], "width": st["width"], "rear_axle_to_center": 0.0}}))
+    env.close()
+    assert route_command(row) == expected
 
 
 def test_closed_loop_observations_carry_the_route_command():

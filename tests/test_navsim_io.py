@@ -180,10 +180,10 @@ def test_cli_bad_file_is_a_clear_error(pool_dir, tmp_path, capsys):
 def test_ground_truth_beats_constant_velocity_on_simulator_scenes(tmp_path):
     """Issue 5: ground-truth trajectories on simulator scenes score >= 0.9 EPDMS on average, constant velocity clearly
     lower. A pool with every default environment (two episodes each) and both sources; the simulated ego drives within
-    NAVSIM's comfort bounds and the maps carry NAVSIM route semantics (datasets_cfg/sources/sim_drivers.py, sim_export.py).
+    NAVSIM's comfort bounds and the maps carry NAVSIM route semantics (datasets_cfg/sim/drivers.py, export.py).
     Cruising on a straight road, constant velocity is as good as the logged driving (NAVSIM's navtest drops such
     scenes; we keep them), so the clear gap is asserted where the road turns."""
-    sim = pytest.importorskip("datasets_cfg.sources.sim")
+    sim = pytest.importorskip("datasets_cfg.sim.corpus")
     sim.generate(tmp_path / "sim", 56, seed=1, image_size=32, scenes_per_episode=4, synthetic_fraction=0.3, progress=False)
     scenes = list(ScenePool.load(tmp_path / "sim"))
     assert {s["source"] for s in scenes} == {"real", "synthetic"} and len({s["location"] for s in scenes}) >= 5

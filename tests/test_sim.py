@@ -10,9 +10,9 @@ from shapely import LineString, MultiPolygon, Polygon, distance, points
 
 from common.geometry import box_corners, local_to_global
 from datasets_cfg.schema import AGENT_CATEGORIES, ScenePool, validate_row
-from datasets_cfg.sources.sim import generate
-from datasets_cfg.sources.sim_export import REAR_AXLE_TO_CENTER, project_to_image, scene_render_transform
-from datasets_cfg.sources.sim_safety import is_near_miss, scene_safety
+from datasets_cfg.sim.corpus import generate
+from datasets_cfg.sim.export import REAR_AXLE_TO_CENTER, project_to_image, scene_render_transform
+from datasets_cfg.sim.safety import is_near_miss, scene_safety
 
 ENVS = "highway,merge,roundabout,intersection,two-way"
 ROAD_GREY, MARKING_WHITE = (100, 100, 100), (255, 255, 255)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from datasets_cfg.sources.sim_episode import WARMUP_S
-from datasets_cfg.sources.sim_export import LaneSamples, export_road, route_chain
+from datasets_cfg.sim.episode import WARMUP_S
+from datasets_cfg.sim.export import LaneSamples, export_road, route_chain
 
 # NAVSIM's history-comfort bounds (eval/navsim/config.py; docs/methods/navsim_epdms.md)
 LON_ACCEL, LAT_ACCEL, YAW_RATE = (-4.05, 2.40), 4.89, 0.95
@@ -81,7 +81,7 @@ def test_ego_commands_stay_within_its_limits(env_id, policy):
     import gymnasium as gym
     import highway_env  # noqa: F401
 
-    from datasets_cfg.sources.sim_drivers import install_ego, restore_class_params
+    from datasets_cfg.sim.drivers import install_ego, restore_class_params
 
     restore_class_params()
     env = gym.make(env_id, config={"offscreen_rendering": True, "simulation_frequency": 10, "policy_frequency": 2})

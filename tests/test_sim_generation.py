@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from datasets_cfg.schema import ScenePool, new_row
-from datasets_cfg.sources.sim import generate, read_shard, shard_path
-from datasets_cfg.sources.sim_episode import EpisodeRunner, plan_episode
-from datasets_cfg.sources.sim_safety import driving_command, is_near_miss, scene_safety
-from datasets_cfg.sources.sim_stats import distribution_distance, mmd, sliced_wasserstein
+from datasets_cfg.sim.command import driving_command
+from datasets_cfg.sim.corpus import generate, read_shard, shard_path
+from datasets_cfg.sim.episode import EpisodeRunner, plan_episode
+from datasets_cfg.sim.safety import is_near_miss, scene_safety
+from datasets_cfg.sim.stats import distribution_distance, mmd, sliced_wasserstein
 
 SMALL = dict(envs="two-way,merge", synthetic_fraction=0.5, scenes_per_episode=3, progress=False)
 
@@ -196,9 +197,7 @@ def test_export_functions_on_a_live_env():
     import gymnasium as gym
     import highway_env  # noqa: F401
 
-    from datasets_cfg.sources.sim_export import (  # noqa: I001
-        REAR_AXLE_TO_CENTER, TrackIds, ego_state, export_road, export_vehicles, render_transform, to_global_xy,
-    )
+    from datasets_cfg.sim.export import REAR_AXLE_TO_CENTER, TrackIds, ego_state, export_road, export_vehicles, render_transform, to_global_xy  # noqa: I001
 
     env = gym.make("roundabout-v1", render_mode="rgb_array", config={"offscreen_rendering": True})
     env.reset(seed=0)

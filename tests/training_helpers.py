@@ -16,7 +16,7 @@ STAGES = ("align", "router_pretrain", "skill_tune")
 
 
 def make_pool(out: Path, scenes: int = 8) -> Path:
-    from datasets_cfg.sources.sim import generate
+    from datasets_cfg.sim.corpus import generate
 
     generate(out, scenes, "highway", seed=0, synthetic_fraction=0.5, image_size=64, scenes_per_episode=4, progress=False)
     return out

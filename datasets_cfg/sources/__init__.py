@@ -1,1 +1,1 @@
-"""Sources: each turns a real format (or the simulator) into ScenePool rows."""
+"""Sources: each turns a real format into ScenePool rows (the simulator is datasets_cfg/sim/)."""

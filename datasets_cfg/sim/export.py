@@ -19,7 +19,7 @@ way. `route_chain` turns the lanes a vehicle followed into a connected chain, on
 roundabout's entries and exits meet the ring; `sample_road` bridges them with lane connectors
 (`ConnectorLane`) so centrelines join.
 
-Used by the scene generator (`sim_episode`) and by closed-loop evaluation: `ego_state(env)`,
+Used by the scene generator (`episode`) and by closed-loop evaluation: `ego_state(env)`,
 `export_vehicles(env, ...)`, `export_road(env, ...)`, `route_chain(...)`, `render_transform(env)`,
 `project_to_image(...)`.
 """
@@ -228,7 +228,7 @@ class ConnectorLane:
     into, turned by ~47 deg (the exits likewise); its vehicles simply steer across. A connector is the
     cubic Hermite curve from the end of `a` (position and heading) to the start of `b`, tangent lengths =
     the chord, in highway-env's frame, with `a`'s width: the map exports it as a lane connector (so the
-    route's centrelines join) and the ego's path model (`sim_drivers.path_ahead`) curves through it.
+    route's centrelines join) and the ego's path model (`drivers.path_ahead`) curves through it.
     """
 
     def __init__(self, a, b, samples: int = 41):

@@ -1,9 +1,9 @@
 """One simulated episode: its plan, its rollout in highway-env, and its cut into 2 Hz ScenePool rows.
 
 An episode is a log. It is recorded at the policy frequency (2 Hz, the scene rate) while highway-env
-integrates at SIM_HZ. Recording starts after WARMUP_S seconds of simulation, so the spawn transient
-(vehicles placed at arbitrary speeds and gaps, braking and accelerating hard to settle) is in no scene.
-With `scenes` scenes per episode and `stride` frames between them, frames
+integrates at SIM_HZ (world.py makes the env and ticks it, as for closed-loop evaluation). Recording starts
+after WARMUP_S seconds of simulation, so the spawn transient (vehicles placed at arbitrary speeds and gaps,
+braking and accelerating hard to settle) is in no scene. With `scenes` scenes per episode and `stride` frames between them, frames
 0 .. HISTORY + (scenes-1)*stride + FUTURE are simulated; the scene with current frame c holds frames
 c-HISTORY .. c+FUTURE (1.5 s of history, 4 s of future) and renders of c-HISTORY .. c, so renders are
 only drawn for frames some scene shows. If the ego crashes at frame k, only scenes with c < k are kept
@@ -14,10 +14,10 @@ Route (map.route) of a scene: a connected chain of lanes in driving order, one l
 (highway-env edge (from, to)) along the ego's path: for each segment the lane the ego is in when it leaves
 it, or at the scene's last frame (after a completed lane change, the lane it changed to; at a junction,
 where highway-env's nearest lane flickers between crossing lanes, the lane it follows), then the lanes
-highway-env will follow after the last frame (`sim_drivers.path_ahead`, ROUTE_AHEAD_M). A lane that does
+highway-env will follow after the last frame (`drivers.path_ahead`, ROUTE_AHEAD_M). A lane that does
 not lead into the next one (a lane change in a later segment) is replaced by its neighbour that does, a
 junction gap is bridged by its connector, and the chain is cut where nothing connects
-(`sim_export.route_chain`). Every lane of a route segment is on_route (`sim_export.export_road`).
+(`export.route_chain`). Every lane of a route segment is on_route (`export.export_road`).
 
 The plan of episode i depends only on (seed, i, envs, synthetic fraction, image settings), never on how
 many scenes are asked for, so a pool can be extended later without touching finished episodes.
@@ -25,28 +25,33 @@ many scenes are asked for, so a pool can be extended later without touching fini
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from datasets_cfg.schema import EGO_FIELDS, new_row
-from datasets_cfg.sources import sim_drivers as drivers
-from datasets_cfg.sources.sim_annotate import annotate
-from datasets_cfg.sources.sim_export import (
-    AGENT_RADIUS, REAR_AXLE_TO_CENTER, TrackIds, ego_state, export_road, export_vehicles, lane_id, route_chain, sample_road,
+from datasets_cfg.sim import drivers
+from datasets_cfg.sim.annotate import annotate
+from datasets_cfg.sim.command import driving_command
+from datasets_cfg.sim.export import (
+    AGENT_RADIUS,
+    REAR_AXLE_TO_CENTER,
+    TrackIds,
+    ego_state,
+    export_road,
+    export_vehicles,
+    lane_id,
+    route_chain,
+    sample_road,
     yaw_rate_sim,
 )
-from datasets_cfg.sources.sim_render import VIEW_METERS, apply_effects, image_stats, render, save_image, setup_viewer
-from datasets_cfg.sources.sim_safety import driving_command, is_near_miss, scene_safety
+from datasets_cfg.sim.render import VIEW_METERS, apply_effects, image_stats, render, save_image, setup_viewer
+from datasets_cfg.sim.safety import is_near_miss, scene_safety
+from datasets_cfg.sim.world import DT, ENV_IDS, FREQUENCIES, SIM_HZ, SUBSTEPS, make_env, tick
 
-ENV_IDS = {
-    "highway": "highway-v0", "merge": "merge-v1", "roundabout": "roundabout-v1", "intersection": "intersection-v2",
-    "exit": "exit-v1", "two-way": "two-way-v0", "u-turn": "u-turn-v1", "racetrack": "racetrack-v1",
-}
 DEFAULT_ENVS = ("highway", "merge", "roundabout", "intersection", "exit", "two-way", "u-turn")
-HISTORY, FUTURE, DT, SIM_HZ = 3, 8, 0.5, 10
+HISTORY, FUTURE = 3, 8  # frames (DT apart) of history and future in a scene
 WARMUP_S = 5.0  # s simulated before frame 0 (spawn transient)
 ROUTE_AHEAD_M = 120.0  # m of route past the ego's target lane, recorded every frame
 MAP_MARGIN_M = 80.0
@@ -147,16 +152,7 @@ class EpisodeRunner:
 
     def env(self, name: str):
         if name not in self._envs:
-            # headless pygame without SDL's "XDG_RUNTIME_DIR" complaint; "dummy" would switch highway-env's
-            # viewer off and leave every render blank, so refuse it.
-            if os.environ.setdefault("SDL_VIDEODRIVER", "offscreen") == "dummy":
-                raise RuntimeError("SDL_VIDEODRIVER=dummy disables highway-env rendering (blank images); unset it or use 'offscreen'")
-            import gymnasium as gym
-            import highway_env  # noqa: F401  (registers the environments)
-
-            if name not in ENV_IDS:
-                raise ValueError(f"unknown environment {name!r}; expected one of {sorted(ENV_IDS)}")
-            env = gym.make(ENV_IDS[name], render_mode="rgb_array", config={"offscreen_rendering": True})
+            env = make_env(name, render=True)
             self._envs[name] = env
             self._defaults[name] = dict(env.unwrapped.config)
         return self._envs[name]
@@ -173,7 +169,7 @@ class EpisodeRunner:
         env = self.env(plan.env)
         u = env.unwrapped
         config = dict(self._defaults[plan.env])
-        config.update({"simulation_frequency": SIM_HZ, "policy_frequency": int(round(1 / DT)), "offscreen_rendering": True})
+        config.update({**FREQUENCIES, "offscreen_rendering": True})
         config.update(DENSITY_CONFIG.get(plan.env, {}).get(plan.density, {}))
         if plan.destination:
             config["destination"] = plan.destination
@@ -248,19 +244,11 @@ class EpisodeRunner:
 
     @staticmethod
     def _advance(env, plan: EpisodePlan, f: int, signals: list) -> None:
-        """Simulate from frame f to f + 1 (SIM_HZ steps), appending (time, accel, yaw rate) of the ego per step."""
+        """Simulate from frame f to f + 1 (SUBSTEPS ticks), appending (time, accel, yaw rate) of the ego per tick."""
         u = env.unwrapped
-        substeps = int(round(DT * SIM_HZ))
-        for k in range(substeps):
-            u.road.act()
-            u.road.step(1.0 / SIM_HZ)
+        for k in range(SUBSTEPS):
+            tick(env, plan.env, f * SUBSTEPS + k + 1)  # ticks counted from frame 0
             signals.append((f * DT + (k + 0.5) / SIM_HZ, *can_signals(u.vehicle)))
-        u.time += DT
-        if plan.env == "intersection" and f % 2 == 1:  # what IntersectionEnv.step does once per second
-            u._clear_vehicles()
-            u._spawn_vehicle(spawn_probability=u.config["spawn_probability"])
-        if f % 4 == 3:
-            drivers.cull_far_vehicles(env)
 
     @staticmethod
     def _event(env, plan: EpisodePlan, rng) -> tuple[list[str], object]:
@@ -313,7 +301,7 @@ class EpisodeRunner:
             "event_time_s": round(plan.event_frame * DT, 6) if plan.event_frame >= 0 else None,
             "render_shift": plan.render_shift,
             "simulated_attributes": {"lighting": plan.lighting, "weather": plan.weather,
-                                     "note": "highway-env has no weather or lighting: these tags, their render effects and driver reactions are simulated by datasets_cfg.sources.sim"},
+                                     "note": "highway-env has no weather or lighting: these tags, their render effects and driver reactions are simulated by datasets_cfg.sim"},
             "ego_size": {"length": frames[c]["ego"]["length"], "width": frames[c]["ego"]["width"], "rear_axle_to_center": REAR_AXLE_TO_CENTER},
             "render": {"frame_index": c - first, "camera": "bev", "pixels_per_meter": plan.pixels_per_meter,
                        "image_size": [plan.image_size, plan.image_size], "centering": [0.5, 0.5], "y_axis": "up",

@@ -15,7 +15,7 @@ highway-env reads through `self`) and never integrate vehicle dynamics of our ow
 - Other drivers keep highway-env's defaults (their comfort is not scored).
 - Weather "rainy" (simulated, ours): every IDM driver keeps 1.5x the time headway, accelerates at 0.7x and
   brakes at 0.6x its dry comfort limits (lower road friction), and aims 15% slower. Lighting "night"
-  (simulated): 1.15x headway and 8% slower targets; the render is darkened too (see sim_render).
+  (simulated): 1.15x headway and 8% slower targets; the render is darkened too (see render.py).
 - Events (rare manoeuvres, synthetic pool only): a neighbour cutting in, the lead vehicle braking hard, a
   forced ego lane change, a work zone (cones and a barrier closing the ego lane).
 """
@@ -29,7 +29,7 @@ from highway_env.vehicle.graphics import VehicleGraphics
 from highway_env.vehicle.kinematics import Vehicle
 from highway_env.vehicle.objects import Obstacle
 
-from datasets_cfg.sources.sim_export import ROUTE_JOIN_M, connector_between, junction_kind
+from datasets_cfg.sim.export import ROUTE_JOIN_M, connector_between, junction_kind
 
 IDM_PARAMS = ("ACC_MAX", "COMFORT_ACC_MAX", "COMFORT_ACC_MIN", "DISTANCE_WANTED", "TIME_WANTED", "DELTA",
               "POLITENESS", "LANE_CHANGE_MIN_ACC_GAIN", "LANE_CHANGE_MAX_BRAKING_IMPOSED", "LANE_CHANGE_DELAY")
@@ -57,7 +57,7 @@ WEATHER_FACTORS = {  # parameter -> multiplier; "target_speed" scales the desire
 def path_ahead(vehicle, length: float, start=None) -> list:
     """[(lane index, lane, s_from, s_to)] covering `length` m ahead of `vehicle` along its target lane (or the
     lane `start`), then the lanes highway-env will make it follow (`RoadNetwork.next_lane` on a copy of its
-    route), across junction gaps by their connector (lane index None, see `sim_export.ConnectorLane`). Where
+    route), across junction gaps by their connector (lane index None, see `export.ConnectorLane`). Where
     the road network ends (no next lane starting near the last one's end), the last lane is extrapolated."""
     net = vehicle.road.network
     idx = vehicle.target_lane_index if start is None else start
@@ -368,7 +368,7 @@ def set_params(vehicle, params: dict, factors: dict | None = None) -> None:
 
 def install_ego(env, policy: str, env_name: str = "") -> EgoVehicle:
     """Replace the env's controlled vehicle by an `EgoVehicle` with the given policy, keeping route and state.
-    `env_name` (a sim_episode.ENV_IDS key) tells which road segments are intersection lane connectors."""
+    `env_name` (a world.ENV_IDS key) tells which road segments are intersection lane connectors."""
     if policy not in EGO_POLICIES:
         raise ValueError(f"unknown ego policy {policy!r}; expected one of {sorted(EGO_POLICIES)}")
     u = env.unwrapped

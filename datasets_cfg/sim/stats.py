@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 
-from datasets_cfg.sources.sim_annotate import GENERAL_RADIUS_M, current_objects
+from datasets_cfg.sim.annotate import GENERAL_RADIUS_M, current_objects
 
 FEATURES = ("ego_speed_mean", "ego_speed_std", "ego_accel_abs_max", "ego_accel_lat_abs_max", "ego_yaw_rate_abs_mean",
             "agents_near", "agent_speed_mean", "min_gap_m", "min_ttc_s", "image_mean", "image_std")

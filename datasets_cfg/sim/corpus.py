@@ -13,7 +13,7 @@ Layout of DIR (besides the ScenePool's pool.json and scenes/):
 Episodes are planned from (seed, episode index) alone, so a re-run with a larger --scenes keeps every
 finished shard and only simulates the missing episodes; the pool is the first N scenes in episode order,
 written atomically. "real" scenes use highway-env's default settings; "synthetic" ones are perturbed (see
-sim_episode.PERTURBATIONS). Weather and lighting are simulated by us (sim_drivers, sim_render).
+episode.PERTURBATIONS). Weather and lighting are simulated by us (drivers, render).
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from collections import Counter
 from pathlib import Path
 
 from common.atomic import atomic_path, write_json
-from datasets_cfg.sources.sim_episode import DEFAULT_ENVS, ENV_IDS, EpisodeRunner, plan_episode
+from datasets_cfg.sim.episode import DEFAULT_ENVS, EpisodeRunner, plan_episode
+from datasets_cfg.sim.world import ENV_IDS
 
 CONFIG_KEYS = ("seed", "envs", "synthetic_fraction", "scenes_per_episode", "stride", "image_size", "image_format")
 FORMAT_VERSION = 1  # layout of the output directory
@@ -115,7 +116,7 @@ def generate(out, scenes: int, envs=DEFAULT_ENVS, seed: int = 0, synthetic_fract
     from tqdm.auto import tqdm
 
     from datasets_cfg.schema import ScenePool
-    from datasets_cfg.sources.sim_stats import real_vs_synthetic
+    from datasets_cfg.sim.stats import real_vs_synthetic
 
     envs = check_settings(scenes, envs, synthetic_fraction, image_size, workers, scenes_per_episode, stride, image_format)
     out = Path(out)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets_cfg.sources.sim_export import RenderTransform, render_transform
+from datasets_cfg.sim.export import RenderTransform, render_transform
 
 VIEW_METERS = 75.0  # metres across a render; pixels per metre = image_size / VIEW_METERS
 

@@ -21,8 +21,8 @@ import json
 import numpy as np
 
 from common.geometry import box_corners, global_to_local
-from datasets_cfg.sources.sim_export import REAR_AXLE_TO_CENTER, scene_render_transform
-from datasets_cfg.sources.sim_safety import LANE_CHANGE_M, TURN_RAD
+from datasets_cfg.sim.command import LANE_CHANGE_M, TURN_RAD
+from datasets_cfg.sim.export import REAR_AXLE_TO_CENTER, scene_render_transform
 
 GENERAL_RADIUS_M = 50
 MAX_DESCRIBED = 5
