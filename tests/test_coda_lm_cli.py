@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from mose.cli import main
+from pipelines.cli import main
 from tests.coda_lm_fixtures import FakeJudge, coda_tree, free_port_url, make_image, official_checkout, rating_from_prediction, sim_pool
 
 SECRET = "sk-test-SECRET-do-not-write-4242"

@@ -27,7 +27,7 @@ SECRET = "sk-demo-test-secret"
 
 
 def run_cli(out: Path, *extra: str) -> tuple[int, str, str]:
-    from mose.cli import main
+    from pipelines.cli import main
 
     so, se = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):

@@ -1,7 +1,8 @@
-"""The `mose` command.
+"""The `mose` command (console script `mose = "pipelines.cli:main"`; also `python -m pipelines.cli`, e.g. under a launcher).
 
 Each subcommand lives in its own module that defines `add_arguments(parser)` and `run(args) -> int`;
-the module is imported only when that subcommand runs, so `mose --help` imports nothing heavy.
+the module is imported only when that subcommand runs, so `mose --help` imports nothing heavy. The registry names
+modules of every package by string, which is why it lives in the application layer: nothing imports `pipelines`.
 """
 from __future__ import annotations
 
