@@ -15,7 +15,7 @@ from mose import __version__
 
 # (command words) -> (module, one-line help). Groups ("eval", "import") are built from the first word.
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("demo",): ("eval.demo", "run the whole pipeline end to end on simulator scenes and write a report"),
+    ("demo",): ("pipelines.demo", "run the whole pipeline end to end on simulator scenes and write a report"),
     ("simulate",): ("datasets_cfg.sources.sim", "generate real and synthetic driving scenes with highway-env"),
     ("import", "navsim"): ("datasets_cfg.sources.navsim", "convert OpenScene/NAVSIM log pickles into a ScenePool"),
     ("import", "coda"): ("datasets_cfg.sources.coda_lm", "convert CODA-LM annotation JSON into a ScenePool"),

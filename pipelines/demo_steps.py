@@ -1,4 +1,4 @@
-"""The steps of `mose demo` (eval/demo.py runs them, reuses finished ones and writes the markers).
+"""The steps of `mose demo` (pipelines/demo.py runs them, reuses finished ones and writes the markers).
 
 Each function takes a `StepContext` (its folder `ctx.dir`, the run folder, the demo config), calls the package's
 own APIs, writes its outputs into `ctx.dir` and returns a JSON-able summary (written as `summary.json`). Paths kept in
@@ -237,7 +237,7 @@ def train_dense(ctx) -> dict:
 
 
 def judge_settings(cfg: dict) -> dict | None:
-    """The CODA judge: evaluate.judge (set from MOSE_JUDGE_URL + MOSE_JUDGE_MODEL by eval.demo.load_demo_config), with the
+    """The CODA judge: evaluate.judge (set from MOSE_JUDGE_URL + MOSE_JUDGE_MODEL by pipelines.demo.load_demo_config), with the
     name of the variable holding the key: $MOSE_JUDGE_API_KEY if set, else $OPENAI_API_KEY (the key itself is never stored)."""
     judge = cfg["evaluate"].get("judge")
     if not judge:
@@ -288,8 +288,8 @@ def plan_eval(ctx, model_dir: Path, scenes, out: Path) -> dict:
     """The checkpoint's step-by-step answer per held-out scene -> trajectory -> EPDMS (unparseable = invalid row)."""
     from datasets_cfg.skill_items import hierarchical_prompt
     from eval.coda_generate import Generator, read_predictions_log
-    from eval.demo_planner import answer_to_poses
     from eval.navsim.predictions import write_predictions
+    from eval.vlm_planner import answer_to_poses
 
     e = ctx.cfg["evaluate"]
     out.mkdir(parents=True, exist_ok=True)
@@ -380,7 +380,7 @@ def evaluate(ctx) -> dict:
 
 def closed_loop(ctx) -> dict:
     from eval.closed_loop import constant_velocity_planner, pdm_closed_planner, run_closed_loop
-    from eval.demo_planner import ModelPlanner
+    from eval.vlm_planner import ModelPlanner
 
     c = ctx.cfg["closed_loop"]
     image_size = int(ctx.cfg["simulate"]["image_size"])
@@ -415,6 +415,6 @@ def closed_loop(ctx) -> dict:
 
 
 def report(ctx) -> dict:
-    from eval.report import build_report
+    from pipelines.demo_report import build_report
 
     return build_report(ctx.run_dir, ctx.dir)
