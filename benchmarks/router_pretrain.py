@@ -36,7 +36,7 @@ def load_or_simulate(pool_dir: Path | None, work: Path, scenes: int, seed: int, 
         if not (pool_dir / "pool.json").exists():
             import contextlib
 
-            from mose.cli import main
+            from pipelines.cli import main
 
             with contextlib.redirect_stdout(sys.stderr):  # keep stdout for this benchmark's JSON
                 rc = main(["simulate", "--out", str(pool_dir), "--scenes", str(scenes), "--seed", str(seed), "--image-size",

@@ -18,6 +18,11 @@ or a ScenePool directory whose rows carry CODA-style qa (e.g. held-out simulator
 Predictions are matched to questions by id. A prediction for an unknown id, a duplicate id or a malformed
 line stops the run with an error naming file and line (or, with ``--skip-invalid``, is skipped and counted);
 a question without a prediction is counted as missing and scores 1 in ``score_failures_as_1``.
+
+The same run from Python, without argparse (the command builds these options from its arguments)::
+
+    result = evaluate(CodaEvalOptions(annotations="runs/pool", model="runs/ckpt", out="runs/coda"))
+    result.scores["offline"], result.judge_endpoint_down, result.exit_code
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import json
 import os
 import sys
 from collections import Counter
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from common.errors import MoseError
@@ -97,52 +103,109 @@ def plot_scores(scores: dict, path: Path) -> None:
     save_figure(fig, path, dpi=100)
 
 
-def evaluate(args) -> tuple[dict, int]:
-    """The whole run; returns (scores, exit code)."""
+@dataclass(frozen=True)
+class CodaEvalOptions:
+    """Every option of `mose eval coda`, with the command's defaults (field = option name with `_` for `-`).
+
+    Exactly one of `model` (a checkpoint to generate answers with) and `predictions` (a JSONL to score); `judge_url`
+    and `judge_model` go together (no judge: offline metrics only)."""
+
+    annotations: str | os.PathLike  # CODA-LM split folder (or LLaVA-format question list), or a ScenePool directory
+    out: str | os.PathLike  # output folder
+    model: str | os.PathLike | None = None  # transformers VLM checkpoint (local folder)
+    predictions: str | os.PathLike | None = None  # JSONL of {"question_id", "answer"}
+    images: str | os.PathLike | None = None  # image root holding val/images/ and test/images/ (CODA-LM annotations only)
+    split: str | None = None  # default: the annotation folder's name
+    official_prompts: str | os.PathLike | None = None  # a checkout of DLUT-LYZ/CODA-LM: its question and judge prompts
+    box_encoding: str = "draw"  # "draw" (red rectangle on the image) or "text" (normalised)
+    batch_size: int = 4
+    max_new_tokens: int = 512
+    device: str | None = None  # default: cuda if available, else cpu
+    dtype: str = "auto"  # auto, float32, bfloat16 or float16
+    judge_url: str | None = None  # OpenAI-compatible endpoint base URL
+    judge_model: str | None = None
+    judge_key_env: str = "OPENAI_API_KEY"  # environment variable holding the API key (never logged or written)
+    judge_timeout: float = 60.0  # seconds per request
+    judge_retries: int = 4  # retries per item on transient errors
+    judge_backoff: float = 1.0  # first retry delay in seconds (doubles each retry)
+    judge_workers: int = 4  # parallel requests
+    judge_max_consecutive_failures: int = 3  # items failing in a row before the endpoint counts as down
+    judge_cache: str | os.PathLike | None = None  # default: OUT/judge_cache.jsonl
+    skip_invalid: bool = False  # skip and count bad scenes / predictions instead of stopping
+
+    def __post_init__(self):
+        if (self.model is None) == (self.predictions is None):
+            raise ValueError("CodaEvalOptions: expected exactly one of model and predictions")
+        if bool(self.judge_url) != bool(self.judge_model):
+            raise ValueError("CodaEvalOptions: judge_url and judge_model go together")
+        if self.box_encoding not in ("draw", "text"):
+            raise ValueError(f"CodaEvalOptions: box_encoding: expected 'draw' or 'text', got {self.box_encoding!r}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "CodaEvalOptions":
+        """The options of a parsed `mose eval coda` command line."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class CodaEvalResult:
+    """What a run computed: `scores` is what scores.json holds; `judge_endpoint_down` when the judge looked down
+    (the offline metrics are still there); `exit_code` is the command's (1 then, else 0)."""
+
+    scores: dict
+    judge_endpoint_down: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.judge_endpoint_down else 0
+
+
+def evaluate(options: CodaEvalOptions) -> CodaEvalResult:
+    """The whole run (module doc: the files written to `options.out`)."""
     from common.atomic import write_json, write_jsonl
     from datasets_cfg.sources.coda_lm import ImportReport
     from eval.coda_prompts import load_official_prompts, own_prompts
     from eval.coda_questions import QuestionBuilder, rows_from
     from eval.coda_scores import clean, judge_scores, offline_scores
 
-    out = Path(args.out)
-    prompts = load_official_prompts(args.official_prompts) if args.official_prompts else own_prompts()
+    out = Path(options.out)
+    prompts = load_official_prompts(options.official_prompts) if options.official_prompts else own_prompts()
     report = ImportReport()
-    rows, root = rows_from(args.annotations, args.images, args.split, args.skip_invalid, report)
-    builder = QuestionBuilder(prompts, out, box_encoding=args.box_encoding, skip_invalid=args.skip_invalid)
+    rows, root = rows_from(options.annotations, options.images, options.split, options.skip_invalid, report)
+    builder = QuestionBuilder(prompts, out, box_encoding=options.box_encoding, skip_invalid=options.skip_invalid)
     questions = builder.build(rows, root)
     if not questions:
-        raise CodaPredictionsError(f"{args.annotations}: no question to evaluate")
+        raise CodaPredictionsError(f"{options.annotations}: no question to evaluate")
     write_jsonl(out / "questions.jsonl", questions)
 
-    if args.model:
+    if options.model:
         from eval.coda_generate import Generator
 
         pred_path = out / "predictions.jsonl"
-        Generator(args.model, args.batch_size, args.max_new_tokens, args.device, args.dtype).run(questions, pred_path)
+        Generator(options.model, options.batch_size, options.max_new_tokens, options.device, options.dtype).run(questions, pred_path)
     else:
-        pred_path = Path(args.predictions)
-    predictions, pred_report = load_predictions(pred_path, [q["question_id"] for q in questions], args.skip_invalid)
+        pred_path = Path(options.predictions)
+    predictions, pred_report = load_predictions(pred_path, [q["question_id"] for q in questions], options.skip_invalid)
 
     scores = {
-        "prompts": prompts.describe() | {"box_encoding": args.box_encoding},
-        "inputs": {"annotations": str(args.annotations), "model": args.model, "predictions": str(pred_path),
-                   "annotation_files_skipped": dict(report.skipped), "questions_skipped": dict(builder.skipped_),
+        "prompts": prompts.describe() | {"box_encoding": options.box_encoding},
+        "inputs": {"annotations": str(options.annotations), "model": None if options.model is None else str(options.model),
+                   "predictions": str(pred_path), "annotation_files_skipped": dict(report.skipped), "questions_skipped": dict(builder.skipped_),
                    "predictions_skipped": pred_report},
         "counts": dict(Counter(q["task"] for q in questions)),
         "judge": None,
         "judge_scores": None,
     }
     code = 0
-    if args.judge_url:
+    if options.judge_url:
         from eval.coda_judge import JudgeClient, judgement_record
 
-        key = os.environ.get(args.judge_key_env) or None
+        key = os.environ.get(options.judge_key_env) or None
         if key is None:
-            print(f"note: ${args.judge_key_env} is not set; sending no Authorization header", file=sys.stderr)
-        client = JudgeClient(args.judge_url, args.judge_model, key, timeout=args.judge_timeout, max_retries=args.judge_retries,
-                             backoff=args.judge_backoff, cache_path=args.judge_cache or out / "judge_cache.jsonl", workers=args.judge_workers,
-                             max_consecutive_failures=args.judge_max_consecutive_failures)
+            print(f"note: ${options.judge_key_env} is not set; sending no Authorization header", file=sys.stderr)
+        client = JudgeClient(options.judge_url, options.judge_model, key, timeout=options.judge_timeout, max_retries=options.judge_retries,
+                             backoff=options.judge_backoff, cache_path=options.judge_cache or out / "judge_cache.jsonl",
+                             workers=options.judge_workers, max_consecutive_failures=options.judge_max_consecutive_failures)
         items = [(q["question_id"], prompts.messages(q["task"], q["reference"], predictions[q["question_id"]]))
                  for q in questions if q["question_id"] in predictions]
         judgements = client.judge_many(items)
@@ -159,7 +222,7 @@ def evaluate(args) -> tuple[dict, int]:
     write_json(out / "scores.json", scores)
     if scores["judge_scores"]:
         plot_scores(scores, out / "scores.png")
-    return scores, code
+    return CodaEvalResult(scores, judge_endpoint_down=code != 0)
 
 
 def _print_summary(scores: dict) -> None:
@@ -220,10 +283,10 @@ def run(args) -> int:
         print("mose eval coda: error: --judge-url and --judge-model go together", file=sys.stderr)
         return 2
     try:
-        scores, code = evaluate(args)
+        result = evaluate(CodaEvalOptions.from_args(args))
     except (SchemaError, CodaPredictionsError, PromptError, FileNotFoundError, ValueError) as e:
         print(f"mose eval coda: error: {e}", file=sys.stderr)
         return 1
-    _print_summary(scores)
+    _print_summary(result.scores)
     print(f"wrote {Path(args.out) / 'scores.json'}")
-    return code
+    return result.exit_code

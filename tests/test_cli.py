@@ -3,11 +3,11 @@ import subprocess
 import sys
 
 from mose import __version__
-from mose.cli import COMMANDS, main
+from pipelines.cli import COMMANDS, main
 
 
 def test_help_lists_every_subcommand_without_heavy_imports():
-    code = "import sys; from mose.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit: pass\nprint(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))"
+    code = "import sys; from pipelines.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit: pass\nprint(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     for words in COMMANDS:
         assert words[0] in out
@@ -40,7 +40,7 @@ def test_pool_summary(tmp_path, capsys):
 
 
 def test_deepspeed_launcher_local_rank_is_moved_to_env(monkeypatch, capsys):
-    from mose.cli import _strip_launcher_rank
+    from pipelines.cli import _strip_launcher_rank
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert _strip_launcher_rank(["--local_rank=3", "train", "--config", "c.yaml"]) == ["train", "--config", "c.yaml"]

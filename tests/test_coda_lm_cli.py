@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from mose.cli import main
+from pipelines.cli import main
 from tests.coda_lm_fixtures import FakeJudge, coda_tree, free_port_url, make_image, official_checkout, rating_from_prediction, sim_pool
 
 SECRET = "sk-test-SECRET-do-not-write-4242"
@@ -218,3 +218,54 @@ def test_region_box_outside_image_in_a_pool(tmp_path, capsys):
     preds = _preds(tmp_path / "p.jsonl", {"a:suggestion": "slow"})
     assert main(["eval", "coda", "--annotations", str(tmp_path / "pool"), "--predictions", str(preds), "--out", str(tmp_path / "o")]) == 1
     assert "field 'qa[a:region:1].box': expected a box inside the 64x48 image" in capsys.readouterr().err
+
+
+def test_typed_api_writes_what_the_command_writes(root, tmp_path, capsys):
+    """`evaluate(CodaEvalOptions(...))` without argparse: the same result, files and exit code as `mose eval coda`."""
+    from eval.coda_lm import CodaEvalOptions, evaluate
+
+    answers = {q: f"The answer for {q}, rated {r}" for q, r in RATINGS.items()}
+    answers["test_0001:general"] = "no rating in this one"  # an unparseable judgement, to compare that path too
+    preds = _preds(tmp_path / "p.jsonl", answers)
+    typed = dict(annotations=root / "CODA-LM/Mini", images=root, predictions=preds, judge_retries=1, judge_backoff=0.01, judge_timeout=5,
+                 judge_model="judge-x")
+    with FakeJudge() as fake:
+        assert main(_args(root, preds, tmp_path / "cli", "--judge-url", fake.url, "--judge-model", "judge-x")) == 0
+        result = evaluate(CodaEvalOptions(out=tmp_path / "api", judge_url=fake.url, **typed))
+    assert result.exit_code == 0 and not result.judge_endpoint_down
+    assert result.scores == _scores(tmp_path / "api")
+    in_out = lambda folder, obj: json.loads(json.dumps(obj).replace(str(tmp_path / folder), "OUT"))  # noqa: E731 (the judge cache's path)
+    assert in_out("api", result.scores) == in_out("cli", _scores(tmp_path / "cli"))
+    assert result.scores["judge_scores"]["general"]["unparseable"] == 1
+    written = {p.relative_to(tmp_path / "cli") for p in (tmp_path / "cli").rglob("*") if p.is_file()}
+    assert written == {p.relative_to(tmp_path / "api") for p in (tmp_path / "api").rglob("*") if p.is_file()}
+    assert {"questions.jsonl", "judgements.jsonl", "judge_cache.jsonl", "scores.json", "scores.png"} <= {str(p) for p in written}
+    for rel in written:  # JSON lines as sets: the judge cache is appended in the order the parallel replies come
+        if rel.suffix in (".jsonl", ".json"):
+            lines = {name: sorted((tmp_path / name / rel).read_text().replace(str(tmp_path / name), "OUT").splitlines()) for name in ("cli", "api")}
+            assert lines["api"] == lines["cli"], rel
+
+    # a judge that is down: exit code 1 and the command's message, offline metrics still written
+    capsys.readouterr()
+    down = evaluate(CodaEvalOptions(out=tmp_path / "down", judge_url=free_port_url(), judge_workers=1, **typed))
+    assert down.judge_endpoint_down and down.exit_code == 1 and "looks down" in capsys.readouterr().err
+    assert down.scores["offline"]["general"]["bleu4"] is not None and _scores(tmp_path / "down") == down.scores
+
+
+def test_typed_options_have_the_command_defaults_and_check_their_pairs(tmp_path):
+    import argparse
+    from dataclasses import fields
+
+    from eval.coda_lm import CodaEvalOptions, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--annotations", "A", "--out", "O", "--predictions", "P"])
+    options = CodaEvalOptions.from_args(args)
+    assert options == CodaEvalOptions(annotations="A", out="O", predictions="P")
+    assert {f.name for f in fields(CodaEvalOptions)} == {k for k in vars(args)}  # every option of the command, no other
+    for bad, says in ((dict(), "exactly one of model and predictions"), (dict(model="M", predictions="P"), "exactly one of model and predictions"),
+                      (dict(predictions="P", judge_url="http://127.0.0.1:9/v1"), "judge_url and judge_model go together"),
+                      (dict(predictions="P", box_encoding="box"), "box_encoding")):
+        with pytest.raises(ValueError, match=says):
+            CodaEvalOptions(annotations="A", out=tmp_path, **bad)

@@ -10,7 +10,7 @@ from datasets_cfg.sources.coda_lm import read_split
 from eval.coda_generate import Generator, read_predictions_log
 from eval.coda_prompts import own_prompts
 from eval.coda_questions import QuestionBuilder
-from mose.cli import main
+from pipelines.cli import main
 from tests.coda_lm_fixtures import FakeJudge, coda_tree, tiny_llava
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 
 from curation.selection import Selection
-from mose.cli import main
+from pipelines.cli import main
 from tests.semantic_autoscale_fixtures import mixed_pool
 
 

@@ -11,7 +11,7 @@ from curation.features import ArrayPool
 from curation.kcenter import covering_radius, kcenter_greedy
 from curation.scores import read_scores
 from curation.selection import Selection, SelectionError, check_budget, manifest_paths
-from mose.cli import main
+from pipelines.cli import main
 from tests.curation_helpers import small_pool
 
 

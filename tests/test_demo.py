@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import yaml
 
-from eval.demo import STEP_NAMES, STEPS, load_demo_config, read_marker, step_hash
+from pipelines.demo import STEP_NAMES, STEPS, load_demo_config, read_marker, step_hash
 
-PACKAGED = Path(__file__).resolve().parents[1] / "datasets_cfg" / "demo.yaml"
+PACKAGED = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
 
 
 JUDGE_ENV: dict = {}  # the fake judge's settings, the same for every run of the module (they are part of the evaluate hash)
@@ -27,7 +27,7 @@ SECRET = "sk-demo-test-secret"
 
 
 def run_cli(out: Path, *extra: str) -> tuple[int, str, str]:
-    from mose.cli import main
+    from pipelines.cli import main
 
     so, se = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
@@ -294,7 +294,7 @@ def test_config_errors_name_file_and_key(tmp_path):
 
 
 def test_answer_to_poses_reads_the_planning_segment():
-    from eval.demo_planner import answer_to_poses, headings_from_xy
+    from eval.vlm_planner import answer_to_poses, headings_from_xy
     from mose.skill_format import Segment, format_trajectory, render_target
 
     xy = np.array([[2.0, 0.0], [4.0, 0.0], [6.0, 1.0], [8.0, 2.0], [10.0, 2.0], [12.0, 2.0], [14.0, 2.0], [16.0, 2.0]])
@@ -316,7 +316,7 @@ def test_answer_to_poses_reads_the_planning_segment():
 
 def test_topdown_drawing_places_ego_and_agents():
     from datasets_cfg.schema import Scene, new_row
-    from eval.demo_planner import EGO, OTHER, ROAD, VIEW_METERS, draw_topdown
+    from eval.vlm_planner import EGO, OTHER, ROAD, VIEW_METERS, draw_topdown
 
     ego = {"t": [0.0], "x": [100.0], "y": [50.0], "heading": [0.0], "speed": [5.0], "accel": [0.0], "accel_lat": [0.0], "yaw_rate": [0.0]}
     agents = {"frame": [0], "track_id": ["a"], "category": ["vehicle"], "x": [100.0 + 1.461 + 20.0], "y": [50.0 + 10.0], "heading": [0.0],
@@ -331,7 +331,7 @@ def test_topdown_drawing_places_ego_and_agents():
 
 def test_model_planner_follows_its_last_plan_between_replans():
     from datasets_cfg.schema import Scene, new_row
-    from eval.demo_planner import ModelPlanner
+    from eval.vlm_planner import ModelPlanner
 
     def obs(x, t):
         ego = {"t": [0.0], "x": [x], "y": [0.0], "heading": [0.0], "speed": [4.0], "accel": [0.0], "accel_lat": [0.0], "yaw_rate": [0.0]}
@@ -356,8 +356,8 @@ class FakeStepFailure(RuntimeError):
 def test_step_protocol_keeps_the_last_finished_output(tmp_path, monkeypatch):
     import os
 
-    from eval import demo_steps
-    from eval.demo import Step, StepContext, run_step
+    from pipelines import demo_steps
+    from pipelines.demo import Step, StepContext, run_step
 
     step = Step("fake", "a fake step", "fake_step", ("seed",))
     d = tmp_path / "fake"

@@ -17,7 +17,7 @@ from eval.navsim import fixtures as F
 from eval.navsim.config import V2_COLUMNS
 from eval.navsim.predictions import NavsimPredictionsError, read_predictions, write_predictions
 from eval.navsim.scorer import mean_score, score_scenes
-from mose.cli import main
+from pipelines.cli import main
 
 
 def trajs():

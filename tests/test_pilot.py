@@ -10,7 +10,7 @@ from curation.selection import PilotTrainer, SampleScorer
 from datasets_cfg.schema import Scene, ScenePool
 from eval.navsim.scorer import mean_score, score_scenes
 from eval.pilot import FastPilot, constant_rollout
-from mose.cli import main
+from pipelines.cli import main
 from tests.curation_helpers import scene_row, small_pool
 
 

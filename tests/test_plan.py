@@ -202,7 +202,7 @@ def test_demo_plan_loads_and_cli(pool_dir, tmp_path, capsys):
 
 
 def test_mose_curate_plan(pool_dir, tmp_path, capsys):
-    from mose.cli import main
+    from pipelines.cli import main
 
     small = write_plan(tmp_path, pool_dir, {"align": GOOD["align"]})
     other = tmp_path / "elsewhere.yaml"

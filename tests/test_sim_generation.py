@@ -106,7 +106,7 @@ def test_bad_input_gives_clear_errors(tmp_path, kwargs, match):
 
 
 def test_cli(tmp_path, capsys):
-    from mose.cli import main
+    from pipelines.cli import main
 
     out = tmp_path / "cli"
     rc = main(["simulate", "--out", str(out), "--scenes", "4", "--envs", "two-way", "--scenes-per-episode", "4",

@@ -10,7 +10,7 @@ from tests.coda_lm_fixtures import H, W, annotation, coda_tree, make_image, tree
 from datasets_cfg.schema import ScenePool
 from datasets_cfg.sources import coda_lm
 from datasets_cfg.sources.coda_lm import CodaFormatError, read_split, resolve_image
-from mose.cli import main
+from pipelines.cli import main
 
 
 @pytest.fixture()

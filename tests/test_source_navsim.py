@@ -489,7 +489,7 @@ def test_filters_and_window_parameters(tmp_path, data):
 
 
 def test_cli_round_trip_and_nothing_written_on_failure(tmp_path, data, capsys):
-    from mose.cli import main
+    from pipelines.cli import main
 
     out = tmp_path / "pool"
     tokens = tmp_path / "tokens.yaml"
@@ -535,7 +535,7 @@ def test_cli_round_trip_and_nothing_written_on_failure(tmp_path, data, capsys):
 
 
 def test_cli_help_warns_about_pickles(capsys):
-    from mose.cli import main
+    from pipelines.cli import main
 
     with pytest.raises(SystemExit):
         main(["import", "navsim", "--help"])

@@ -1,5 +1,5 @@
 """`mose train` configs and bad input: every mistake is a clear error naming the config file and the key, raised
-before any stage trains; and the command end to end through `mose.cli.main`."""
+before any stage trains; and the command end to end through `pipelines.cli.main`."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from mose.cli import main
+from pipelines.cli import main
 from tests.training_helpers import TINY, session_pool, write_manifests
 
 

@@ -39,15 +39,15 @@ def _config(path: Path, out: Path, pool: Path, manifests: Path) -> Path:
 LAUNCHERS = {
     "accelerate": lambda port: [shutil.which("accelerate") or "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
                                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                                "--main_process_port", str(port), "-m", "mose.cli"],
+                                "--main_process_port", str(port), "-m", "pipelines.cli"],
     "torchrun": lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                              "-m", "mose.cli"],
+                              "-m", "pipelines.cli"],
 }
 
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_process_launch_trains_a_stage_with_deepspeed(launcher, tmp_path_factory, tmp_path):
-    """`<launcher> ... mose.cli train --config C.yaml --stages align`: a 2-process world (ZeRO-2), 3 steps, finite
+    """`<launcher> ... pipelines.cli train --config C.yaml --stages align`: a 2-process world (ZeRO-2), 3 steps, finite
     losses, one log row per step with both ranks' data, a final checkpoint that loads with plain transformers."""
     import torch
 

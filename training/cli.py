@@ -5,9 +5,9 @@
 
 Re-running the same command resumes: finished stages are skipped, an interrupted one continues from its last
 checkpoint. Multi-GPU / multi-node: start the same command under a launcher (each process reads its rank from the
-environment), e.g. `torchrun --nproc_per_node 8 -m mose.cli train --config C.yaml`,
-`accelerate launch --multi_gpu --num_processes 8 -m mose.cli train --config C.yaml` or
-`deepspeed --num_gpus 8 --no_local_rank --module mose.cli train --config C.yaml`.
+environment), e.g. `torchrun --nproc_per_node 8 -m pipelines.cli train --config C.yaml`,
+`accelerate launch --multi_gpu --num_processes 8 -m pipelines.cli train --config C.yaml` or
+`deepspeed --num_gpus 8 --no_local_rank --module pipelines.cli train --config C.yaml`.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
     mose demo [--out runs/demo] [--scale tiny|small] [--config FILE] [--from STEP] [--no-progress]
 
-Steps (each in its own folder under --out; eval/demo_steps.py does the work with the package's own APIs):
+Steps (each in its own folder under --out; pipelines/demo_steps.py does the work with the package's own APIs):
 
     1 simulate     a training pool and a held-out pool (real + synthetic scenes, disjoint seeds)
     2 skills       skill annotation, the hierarchical skill dataset, coverage, the offline tokenizer
@@ -19,7 +19,7 @@ step and every later one. A step that fails leaves the earlier steps, and its ow
 untouched (a re-run that fails puts the previous folder back); an interrupted first run of a step keeps its partial
 folder so that simulation and training resume where they stopped.
 
-Settings: datasets_cfg/demo.yaml (`defaults` + one section per scale). The LLM judge of the CODA-style answers runs
+Settings: pipelines/demo.yaml (`defaults` + one section per scale). The LLM judge of the CODA-style answers runs
 only when MOSE_JUDGE_URL and MOSE_JUDGE_MODEL are set (any OpenAI-compatible endpoint; the key is read from
 $MOSE_JUDGE_API_KEY, else $OPENAI_API_KEY); without them only the offline metrics are computed.
 """
@@ -51,7 +51,7 @@ SCALES = ("tiny", "small")  # documented; "test" also exists for the test suite
 class Step:
     name: str
     title: str
-    run: str  # function name in eval.demo_steps: fn(ctx) -> summary dict
+    run: str  # function name in pipelines.demo_steps: fn(ctx) -> summary dict
     sections: tuple[str, ...]  # config sections it reads (its hash covers them)
     needs: tuple[str, ...] = ()  # steps whose outputs it reads
 
@@ -84,7 +84,7 @@ class DemoError(MoseError, RuntimeError):
 def default_config_path() -> Path:
     from importlib.resources import files
 
-    return Path(str(files("datasets_cfg") / "demo.yaml"))
+    return Path(str(files("pipelines") / "demo.yaml"))
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -155,7 +155,7 @@ def _now() -> str:
 def run_step(step: Step, ctx: StepContext, h: str, upstream: dict[str, str]) -> dict:
     """Run one step in its folder with the marker protocol of the module doc. Returns the marker."""
     from common.atomic import write_json
-    from eval import demo_steps
+    from pipelines import demo_steps
 
     d = ctx.dir
     previous = d.with_name(f".{d.name}.previous")
@@ -251,7 +251,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo); re-run to reuse finished steps")
     parser.add_argument("--scale", default="tiny", choices=SCALES + ("test",), metavar="{tiny,small}",
                         help="tiny: under 10 minutes on 2 CPU cores (default); small: more scenes and training steps (slower)")
-    parser.add_argument("--config", help="demo settings YAML (default: the packaged datasets_cfg/demo.yaml)")
+    parser.add_argument("--config", help="demo settings YAML (default: the packaged pipelines/demo.yaml)")
     parser.add_argument("--from", dest="force_from", choices=STEP_NAMES, metavar="STEP",
                         help=f"re-run from this step even if finished ({', '.join(STEP_NAMES)})")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars (step headers are still printed)")

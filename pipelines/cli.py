@@ -1,7 +1,8 @@
-"""The `mose` command.
+"""The `mose` command (console script `mose = "pipelines.cli:main"`; also `python -m pipelines.cli`, e.g. under a launcher).
 
 Each subcommand lives in its own module that defines `add_arguments(parser)` and `run(args) -> int`;
-the module is imported only when that subcommand runs, so `mose --help` imports nothing heavy.
+the module is imported only when that subcommand runs, so `mose --help` imports nothing heavy. The registry names
+modules of every package by string, which is why it lives in the application layer: nothing imports `pipelines`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from mose import __version__
 
 # (command words) -> (module, one-line help). Groups ("eval", "import") are built from the first word.
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("demo",): ("eval.demo", "run the whole pipeline end to end on simulator scenes and write a report"),
+    ("demo",): ("pipelines.demo", "run the whole pipeline end to end on simulator scenes and write a report"),
     ("simulate",): ("datasets_cfg.sim.corpus", "generate real and synthetic driving scenes with highway-env"),
     ("import", "navsim"): ("datasets_cfg.sources.navsim", "convert OpenScene/NAVSIM log pickles into a ScenePool"),
     ("import", "coda"): ("datasets_cfg.sources.coda_lm", "convert CODA-LM annotation JSON into a ScenePool"),
