@@ -76,9 +76,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    from benchmarks.router_pretrain_loop import pretrain_router
     from datasets_cfg.skill_items import pool_items
     from mose.presets import build_preset, preset_config
-    from mose.router_pretrain import evaluate_routing, pretrain_router, usage_heatmap
+    from mose.routing_eval import evaluate_routing, usage_heatmap
     from mose.skill_data import SkillCollator, build_skill_dataset
     from mose.skill_sampler import SkillBalancedSampler
     from mose.skill_tokenizer import llava_processor_for, train_chat_tokenizer

@@ -86,7 +86,7 @@ class Contender:
         self.tokens = int(self.batch["attention_mask"].sum())
         self.dispatch = None
         if kind == "moe":
-            from mose.moe import resolve_dispatch
+            from mose.expert_dispatch import resolve_dispatch
 
             block = model.moe_blocks()[0].experts
 
@@ -94,7 +94,7 @@ class Contender:
                 x, plan = args[0], args[2]
                 try:
                     self.dispatch = resolve_dispatch(module.dispatch, plan.token.numel(), x, module.gate_up_proj, module.down_proj)
-                except TypeError:  # another mose.moe version
+                except TypeError:  # another mose.expert_dispatch version
                     self.dispatch = f"{module.dispatch} (unresolved)"
 
             block.register_forward_pre_hook(record)

@@ -266,7 +266,10 @@ def load_plan(path: str | os.PathLike, pool_overrides: dict[str, str] | None = N
 
 
 @dataclass
-class StageData:
+class StageCandidates:
+    """One plan stage's candidate scenes before selection: their pool, ids, sources, locations and skills, the
+    scenes reserved for skill minimums, the quotas and shortfalls, and the stage's pilot / evaluator helpers."""
+
     stage: StagePlan
     pool: Any  # the stage's ScenePool (filters applied; held-out and excluded scenes still in it)
     ids: list[str]  # candidate ids, pool order
@@ -340,7 +343,7 @@ def _reserve(need: dict[str, int], skills: list[frozenset], sources: np.ndarray,
 
 
 def prepare(plan: DataPlan, *, pilot_factory: Callable | None = None, feedback_factory: Callable | None = None,
-            progress: bool = False) -> dict[str, StageData]:
+            progress: bool = False) -> dict[str, StageCandidates]:
     """Open the pools, resolve skills, build helpers, and check every stage's feasibility (no selection)."""
     from tqdm.auto import tqdm
 
@@ -354,7 +357,7 @@ def prepare(plan: DataPlan, *, pilot_factory: Callable | None = None, feedback_f
             opened[name] = ScenePool.load(p)
         except FileNotFoundError as exc:
             raise PlanError(f"{plan.path}: pools.{name}.path: {exc}") from None
-    out: dict[str, StageData] = {}
+    out: dict[str, StageCandidates] = {}
     annotated: dict = {}  # (pools, id) -> skills from the annotation fallback, shared by stages on the same pools
     for st in tqdm(plan.stages, desc="checking plan", disable=not progress):
         w = f"stages.{st.name}"
@@ -410,7 +413,7 @@ def prepare(plan: DataPlan, *, pilot_factory: Callable | None = None, feedback_f
         _reserve(st.skill_min, skills, sources, room, taken, taken_for, st.budget, rng, True, plan, f"{w}.skills")
         target_n = {s: int(math.ceil(f * st.budget)) for s, f in st.skill_target.items()}
         short = _reserve(target_n, skills, sources, room, taken, taken_for, st.budget, rng, False, plan, f"{w}.skills")
-        out[st.name] = StageData(st, pool, ids, sources, locations, skills, taken, taken_for, quotas, short, n_fb, helpers,
+        out[st.name] = StageCandidates(st, pool, ids, sources, locations, skills, taken, taken_for, quotas, short, n_fb, helpers,
                                  {k: len(v) for k, v in removed.items()})
     return out
 
@@ -429,7 +432,7 @@ def _selector(plan: DataPlan, st: StagePlan, progress: bool):
     return cls(**params)
 
 
-def _method_picks(plan: DataPlan, data: StageData, groups: list[tuple[str, list[int], int]], out_dir: Path, progress: bool):
+def _method_picks(plan: DataPlan, data: StageCandidates, groups: list[tuple[str, list[int], int]], out_dir: Path, progress: bool):
     """Run the stage's selector on each group (name, candidate positions, budget); returns {name: Selection | None}."""
     st = data.stage
     picks = {}
@@ -503,7 +506,7 @@ def _repair(chosen: list[int], skills: list[frozenset], sources: np.ndarray, nee
     return swaps, short
 
 
-def _select_stage(plan: DataPlan, data: StageData, out_dir: Path, progress: bool) -> Selection:
+def _select_stage(plan: DataPlan, data: StageCandidates, out_dir: Path, progress: bool) -> Selection:
     st = data.stage
     all_pos = list(range(len(data.ids)))
     if data.quotas is None:
@@ -545,7 +548,7 @@ def _select_stage(plan: DataPlan, data: StageData, out_dir: Path, progress: bool
                              "target_shortfalls": short_target, "reserved": 0})
 
 
-def _reserved_stage(plan: DataPlan, data: StageData, out_dir: Path, progress: bool, fallbacks: list) -> Selection:
+def _reserved_stage(plan: DataPlan, data: StageCandidates, out_dir: Path, progress: bool, fallbacks: list) -> Selection:
     st = data.stage
     rng = np.random.default_rng(plan.seed)
     taken, taken_for = [], []
@@ -644,11 +647,11 @@ def run_plan(plan: DataPlan, out_dir: str | os.PathLike, *, pilot_factory: Calla
     return PlanResult(manifests, selections, csv, md, png, out / "plan_summary.json")
 
 
-def _without(plan: DataPlan, d: StageData, chosen: set) -> StageData:
+def _without(plan: DataPlan, d: StageCandidates, chosen: set) -> StageCandidates:
     """The stage's data minus `chosen` ids; the reservation is redone and re-checked on what is left."""
     keep = [i for i, s in enumerate(d.ids) if s not in chosen]
     st = d.stage
-    sub = StageData(st, d.pool, [d.ids[i] for i in keep], d.sources[keep], d.locations[keep], [d.skills[i] for i in keep], [], [],
+    sub = StageCandidates(st, d.pool, [d.ids[i] for i in keep], d.sources[keep], d.locations[keep], [d.skills[i] for i in keep], [], [],
                     d.quotas, {}, d.skills_fallback_rows, d.helpers, {**d.removed, "earlier_stages": len(d.ids) - len(keep)})
     w = f"stages.{st.name}"
     if st.budget > len(sub.ids):
@@ -670,7 +673,7 @@ def _without(plan: DataPlan, d: StageData, chosen: set) -> StageData:
 # coverage
 
 
-def coverage_rows(plan: DataPlan, data: dict[str, StageData], selections: dict[str, Selection]) -> list[dict]:
+def coverage_rows(plan: DataPlan, data: dict[str, StageCandidates], selections: dict[str, Selection]) -> list[dict]:
     """Long table: one row per (stage, skill, source, environment) with selected scenes and the stage pool's
     available scenes. Stage "<pool>" rows count each stage pool's candidates once per distinct pool set."""
     from mose.skills import load_taxonomy

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import Counter
+
+from common.errors import MoseError
 
 
 def describe(pool) -> dict:
@@ -33,7 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from datasets_cfg.schema import ScenePool
 
-    info = describe(ScenePool.load(args.pool))
+    try:
+        pool = ScenePool.load(args.pool)
+    except (MoseError, OSError, ValueError) as exc:  # ValueError: e.g. pool.json not JSON
+        print(f"mose pool: error: {exc}", file=sys.stderr)
+        return 2
+    info = describe(pool)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

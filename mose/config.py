@@ -100,7 +100,7 @@ class MoSEConfig(PretrainedConfig):
             "eager" (reference loop) or "auto" (grouped_mm on GPU; on CPU sort for large batches, grouped_mm for small).
         capacity_factor (`float`, *optional*): `None` = dropless; else, in training, each expert keeps at most
             ceil(tokens * top_k / num_experts * capacity_factor) token choices, top-1 choices first, then in token
-            order; dropped choices contribute nothing (see `mose.moe.DispatchPlan`). Evaluation and generation are
+            order; dropped choices contribute nothing (see `mose.expert_dispatch.DispatchPlan`). Evaluation and generation are
             always dropless.
     """
 

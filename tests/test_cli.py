@@ -39,6 +39,15 @@ def test_pool_summary(tmp_path, capsys):
     assert info["qa_by_task"] == {"region": 1} and info["by_weather"] == {"rainy": 2}
 
 
+def test_pool_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    assert main(["pool", str(tmp_path / "missing")]) == 2
+    assert "mose pool: error:" in capsys.readouterr().err
+    (tmp_path / "bad" / "scenes").mkdir(parents=True)
+    (tmp_path / "bad" / "pool.json").write_text("{not json")
+    assert main(["pool", str(tmp_path / "bad")]) == 2
+    assert "mose pool: error:" in capsys.readouterr().err
+
+
 def test_deepspeed_launcher_local_rank_is_moved_to_env(monkeypatch, capsys):
     from pipelines.cli import _strip_launcher_rank
 

@@ -6,14 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mose.expert_dispatch import expert_capacity, make_plan, resolve_dispatch
 from mose.moe import (
     IGNORE_INDEX,
     MoSESparseBlock,
     RoutingTrace,
-    expert_capacity,
     load_balance_loss,
-    make_plan,
-    resolve_dispatch,
     router_z_loss,
     routing_entropy,
     skill_group_matrix,

@@ -1,7 +1,8 @@
 """Inference mode and the CPU expert threads: generation runs under torch.inference_mode, training does not."""
 import torch
 
-from mose.moe import EXPERT_THREADS, MoSESparseBlock, clear_scratch
+from mose.expert_dispatch import EXPERT_THREADS, clear_scratch
+from mose.moe import MoSESparseBlock
 from mose.presets import build_preset
 
 

@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.router_pretrain_loop import pretrain_router, trainable_parameters
 from mose.config import MoSEConfig
 from mose.modeling import MoSEForConditionalGeneration
-from mose.router_pretrain import evaluate_routing, pretrain_router, trainable_parameters, usage_heatmap
+from mose.routing_eval import evaluate_routing, usage_heatmap
 from mose.skill_data import IGNORE, SkillCollator, build_skill_dataset
 from mose.skill_format import Segment, render_target
 from mose.skills import Taxonomy

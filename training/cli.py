@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.errors import MoseError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="training config YAML (training/configs/*.yaml)")
@@ -56,7 +58,7 @@ def run(args) -> int:
         from training.runner import run_training
 
         result = run_training(cfg, stages=stages, fresh=args.fresh, progress=not args.no_progress)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (MoseError, FileNotFoundError) as exc:  # FileNotFoundError: e.g. a checkpoint to resume from
         print(f"mose train: error: {exc}", file=sys.stderr)
         return 2
     import os

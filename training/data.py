@@ -23,7 +23,10 @@ from training.config import ConfigError, StageConfig, TrainConfig
 
 
 @dataclass
-class StageData:
+class StageTrainingData:
+    """One training stage's data: its manifest, the scene ids it selects, the skill dataset built from them
+    (untokenised items, then the tokenised dataset after `tokenise_stages`) and what was kept and skipped."""
+
     stage: str
     manifest: Path
     scene_ids: list[str]
@@ -78,7 +81,7 @@ def stage_items(pool, ids: list[str], st: StageConfig, taxonomy, max_images: int
     return items, report
 
 
-def collect_stage_items(cfg: TrainConfig, taxonomy) -> dict[str, StageData]:
+def collect_stage_items(cfg: TrainConfig, taxonomy) -> dict[str, StageTrainingData]:
     """Read and check every configured stage's manifest and build its (untokenised) items. Raises ConfigError."""
     from datasets_cfg.schema import SchemaError, ScenePool
 
@@ -87,7 +90,7 @@ def collect_stage_items(cfg: TrainConfig, taxonomy) -> dict[str, StageData]:
     except (FileNotFoundError, SchemaError) as exc:
         raise ConfigError(f"{cfg.source}: data.pool: {exc}") from None
     pool_ids = set(pool.ids)
-    out: dict[str, StageData] = {}
+    out: dict[str, StageTrainingData] = {}
     for stage in cfg.stage_names():
         st = cfg.stages[stage]
         path, ids = read_manifest(cfg, stage, pool_ids, cfg.data.pool)
@@ -95,11 +98,11 @@ def collect_stage_items(cfg: TrainConfig, taxonomy) -> dict[str, StageData]:
         report["scenes"] = len(ids)
         if len(items) == 0:
             _empty(cfg, stage, path, report)
-        out[stage] = StageData(stage, path, ids, items, report)
+        out[stage] = StageTrainingData(stage, path, ids, items, report)
     return out
 
 
-def tokenise_stages(cfg: TrainConfig, stages: dict[str, StageData], processor, taxonomy, *, cache_dir: str | Path | None = None) -> None:
+def tokenise_stages(cfg: TrainConfig, stages: dict[str, StageTrainingData], processor, taxonomy, *, cache_dir: str | Path | None = None) -> None:
     """Replace each stage's items by the tokenised skill dataset (labels, skill labels). Raises ConfigError if none is left."""
     from mose.skill_data import build_skill_dataset
 
@@ -120,7 +123,7 @@ def _empty(cfg: TrainConfig, stage: str, path: Path, report: dict):
                       f"{st.items.tasks}), none usable; {why}")
 
 
-def prepare_stage_data(cfg: TrainConfig, processor, taxonomy, *, cache_dir: str | Path | None = None) -> dict[str, StageData]:
+def prepare_stage_data(cfg: TrainConfig, processor, taxonomy, *, cache_dir: str | Path | None = None) -> dict[str, StageTrainingData]:
     """collect_stage_items + tokenise_stages: every check for every stage, before any training."""
     stages = collect_stage_items(cfg, taxonomy)
     tokenise_stages(cfg, stages, processor, taxonomy, cache_dir=cache_dir)
@@ -144,7 +147,7 @@ class SeededShuffleSampler(Sampler[int]):
         return self.n
 
 
-def make_sampler(st: StageConfig, data: StageData, taxonomy, seed: int):
+def make_sampler(st: StageConfig, data: StageTrainingData, taxonomy, seed: int):
     if st.sampler == "skill_balanced":
         from mose.skill_sampler import SkillBalancedSampler
 
@@ -152,4 +155,4 @@ def make_sampler(st: StageConfig, data: StageData, taxonomy, seed: int):
     return SeededShuffleSampler(len(data), seed)
 
 
-__all__ = ["StageData", "prepare_stage_data", "collect_stage_items", "tokenise_stages", "read_manifest", "stage_items", "make_sampler", "SeededShuffleSampler"]
+__all__ = ["StageTrainingData", "prepare_stage_data", "collect_stage_items", "tokenise_stages", "read_manifest", "stage_items", "make_sampler", "SeededShuffleSampler"]

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.errors import MoseError
 from datasets_cfg.schema import SchemaError, new_row
 
 # official general-perception keys, in the official order (normalised: lower case, "_" -> " ")
@@ -442,7 +443,7 @@ def run(args) -> int:
             raise CodaFormatError(f"{args.annotations}: no valid scene to write ({sum(report.skipped.values())} skipped)", "empty")
         pool = ScenePool.from_rows(rows, where=str(args.annotations))
         pool.save(args.out)
-    except (SchemaError, FileNotFoundError) as e:
+    except (MoseError, OSError) as e:
         print(f"mose import coda: error: {e}", file=sys.stderr)
         if report.skipped:
             print(json.dumps(report.as_dict(), indent=2), file=sys.stderr)

@@ -697,7 +697,7 @@ def run(args: argparse.Namespace) -> int:
             tokens=read_tokens(args.tokens) if args.tokens else None, trusted_pickles=args.unsafe_pickle, progress=sys.stderr.isatty(),
         )
         pool, summary = import_navsim(collect_log_files(args.logs), out, **params)
-    except (SchemaError, ValueError, FileNotFoundError, OSError) as exc:
+    except (MoseError, ValueError, OSError) as exc:
         print(f"mose import navsim: error: {exc}", file=sys.stderr)
         return 1
     print(summary.format())

@@ -17,6 +17,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from common.errors import MoseError
 from eval.navsim.agents import AGENTS
 
 
@@ -43,7 +44,7 @@ def run(args) -> int:
 
     try:
         pool = ScenePool.load(args.pool)
-    except (FileNotFoundError, ValueError) as exc:
+    except (MoseError, OSError, ValueError) as exc:  # ValueError: e.g. pool.json not JSON
         print(f"mose eval navsim: error: {exc}", file=sys.stderr)
         return 2
     scenes = list(pool)

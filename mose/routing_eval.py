@@ -1,37 +1,27 @@
-"""Router pretraining on the hierarchical skill dataset, and the routing metrics that show whether it worked.
+"""Routing evaluation: whether a model's routers send each skill's tokens to its expert group.
 
-    ds, _ = build_skill_dataset(items, processor, taxonomy)                 # mose/skill_data.py
-    collate = SkillCollator(processor)
-    before = evaluate_routing(model, held_out, collate, taxonomy)
-    history = pretrain_router(model, ds, collate, steps=200, lr=1e-3, trainable="moe", random_state=0)
+    before = evaluate_routing(model, held_out, collate, taxonomy)           # held_out: build_skill_dataset (mose/skill_data.py)
+    ...train...
     after = evaluate_routing(model, held_out, collate, taxonomy)
     usage_heatmap(after, taxonomy, model.config.skill_groups, "usage.png")
-
-Training minimises the LM loss plus the model's routing losses (`out.loss`: balance + z-loss + the hierarchical
-skill loss, which pulls each labelled token's router mass into its fine skill's expert group and its coarse
-parent's group). `skill_loss=False` trains on the same batches without `skill_labels` (the baseline the
-benchmark compares the LM loss against).
 
 Routing accuracy (our definition; the paper reports none): over MoE layers and labelled tokens, the share whose
 top-1 expert lies in the expert group of the token's coarse skill (coarse) or of its own fine skill (fine;
 only tokens labelled with a non-root skill). Balance: the Switch/GShard E * sum_e f_e P_e per layer (1.0 =
-perfectly balanced) and the per-expert load. A plain torch loop: the DeepSpeed stage runner uses the same dataset,
-collator and metrics.
+perfectly balanced) and the per-expert load. Used by the demo's routing step and the router-pretraining benchmark
+(benchmarks/router_pretrain.py; its plain torch training loop is benchmarks/router_pretrain_loop.py).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
+from mose.moe import skill_group_matrix
 from mose.skill_data import IGNORE
 from mose.skills import Taxonomy, load_taxonomy
-
-TRAINABLE = ("router", "moe", "all")
 
 
 @dataclass
@@ -65,13 +55,11 @@ def _groups(model, tax: Taxonomy) -> torch.Tensor:
     if names != tax.names:
         raise ValueError(f"the model's config.skill_groups skills {names} are not the taxonomy's {tax.names} in id order; "
                          "build the config with Taxonomy.config_kwargs(num_experts)")
-    g = torch.zeros(len(names), model.config.num_experts, dtype=torch.bool)
-    for i, experts in enumerate(model.config.skill_groups.values()):
-        g[i, list(experts)] = True
-    return g
+    return skill_group_matrix(model.config.skill_groups, model.config.num_experts)
 
 
-def _move(batch: dict, device) -> dict:
+def batch_to(batch: dict, device) -> dict:
+    """The batch with its tensors moved to `device`."""
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
@@ -94,7 +82,7 @@ def evaluate_routing(model, dataset, collator, taxonomy: Taxonomy | None = None,
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
     device = next(model.parameters()).device
     for batch in loader:
-        batch = _move(batch, device)
+        batch = batch_to(batch, device)
         skills = batch.pop("skill_labels")
         out = model(**batch, output_routing_trace=True)
         n_lab = int((batch["labels"][:, 1:] != IGNORE).sum())
@@ -140,75 +128,6 @@ def evaluate_routing(model, dataset, collator, taxonomy: Taxonomy | None = None,
     )
 
 
-def trainable_parameters(model, which: str = "moe") -> list[torch.nn.Parameter]:
-    """Set requires_grad: "router" (routers only), "moe" (routers + experts + shared experts) or "all"."""
-    if which not in TRAINABLE:
-        raise ValueError(f"trainable must be one of {TRAINABLE}, got {which!r}")
-    for p in model.parameters():
-        p.requires_grad_(which == "all")
-    if which != "all":
-        for block in model.moe_blocks():
-            mods = [block.router] if which == "router" else [block]
-            for m in mods:
-                for p in m.parameters():
-                    p.requires_grad_(True)
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def pretrain_router(model, dataset, collator, *, steps: int, lr: float = 1e-3, batch_size: int = 4, trainable: str = "moe",
-                    skill_loss: bool = True, skill_loss_coef: float | None = None, sampler=None, weight_decay: float = 0.0,
-                    grad_clip: float | None = 1.0, random_state: int = 0, log_every: int = 10, progress: bool = True) -> list[dict]:
-    """Train for `steps` optimizer steps (AdamW); returns the log history (step, loss, lm_loss, aux_loss, skill stats).
-
-    `sampler`: e.g. a `SkillBalancedSampler` over `dataset`; default: shuffled epochs seeded by `random_state`.
-    `skill_loss_coef` overrides `model.config.skill_loss_coef` for this run (restored afterwards).
-    """
-    from tqdm.auto import tqdm
-
-    torch.manual_seed(random_state)
-    params = trainable_parameters(model, trainable)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    g = torch.Generator().manual_seed(random_state)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler or RandomSampler(dataset, generator=g),
-                        collate_fn=collator, drop_last=False)
-    old_coef = model.config.skill_loss_coef
-    if skill_loss_coef is not None:
-        model.config.skill_loss_coef = float(skill_loss_coef)
-    device = next(model.parameters()).device
-    model.train()
-    history, step, t0 = [], 0, time.perf_counter()
-    bar = tqdm(total=steps, desc="router pretraining", disable=not progress)
-    try:
-        while step < steps:
-            for batch in loader:
-                batch = _move(batch, device)
-                skills = batch.pop("skill_labels")
-                out = model(**batch, skill_labels=skills if skill_loss else None)
-                if not torch.isfinite(out.loss):
-                    raise FloatingPointError(f"router pretraining: non-finite loss {float(out.loss)} at step {step}")
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                if grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                opt.step()
-                step += 1
-                bar.update(1)
-                if step % log_every == 0 or step == steps:
-                    rec = {"step": step, "loss": out.loss.item(), "lm_loss": out.lm_loss.item(), "aux_loss": out.aux_loss.item(),
-                           "balance": float(out.router_stats["balance"].mean()), "seconds": round(time.perf_counter() - t0, 2)}
-                    if "skill_loss" in out.router_stats:
-                        rec["skill_loss"] = float(out.router_stats["skill_loss"].mean())
-                        rec["skill_topk_accuracy"] = float(out.router_stats["skill_accuracy"].mean())
-                    history.append(rec)
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}")
-                if step >= steps:
-                    break
-    finally:
-        bar.close()
-        model.config.skill_loss_coef = old_coef
-    return history
-
-
 def usage_heatmap(metrics: RoutingMetrics, taxonomy: Taxonomy | None, skill_groups: dict, path, title: str | None = None):
     """PNG: skills (rows, those with tokens) x experts, cell = share of the skill's choices; its group outlined."""
     import matplotlib
@@ -216,6 +135,8 @@ def usage_heatmap(metrics: RoutingMetrics, taxonomy: Taxonomy | None, skill_grou
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
+
+    from common.atomic import save_figure
 
     tax = load_taxonomy(taxonomy)
     rows = [i for i in range(len(tax)) if metrics.usage[i].sum() > 0]
@@ -232,10 +153,7 @@ def usage_heatmap(metrics: RoutingMetrics, taxonomy: Taxonomy | None, skill_grou
     fig.colorbar(im, ax=ax, label="share of the skill's choices")
     ax.set_title(title or f"expert usage per skill (coarse acc {metrics.coarse_accuracy:.2f}, fine {metrics.fine_accuracy:.2f})", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")  # temp + rename (mose/ does not import common.atomic)
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=110)
+
+
+__all__ = ["RoutingMetrics", "evaluate_routing", "usage_heatmap", "batch_to"]
