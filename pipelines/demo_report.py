@@ -6,7 +6,7 @@ Every number comes from a file a step wrote (`<step>/summary.json`, `.done.json`
 `evaluate/results.json`, `closed_loop/results.json`, training `log.jsonl`); nothing is typed in. Numbers are printed
 with `fmt` (4 decimals for fractions and scores), so a table cell can be checked against its source file.
 Figures: skill coverage per stage, MOSAIC scaling curves and allocation (drawn by curation/mosaic.py), the routing
-heatmap per skill (mose/router_pretrain.py), training losses, scores vs the dense baseline, closed-loop results.
+heatmap per skill (mose/routing_eval.py), training losses, scores vs the dense baseline, closed-loop results.
 """
 from __future__ import annotations
 
@@ -339,7 +339,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path) -> dict:
             figures["routing"] = str(plot_routing(rt, depth, figs / "routing_heatmap.png").relative_to(out))
             md.append(f"\n![routing heatmap per skill]({figures['routing']})\n\n")
         md.append("Cells: share of each skill's token choices (top-k, all MoE layers) per expert; the skill's own experts are outlined. "
-                  "Source: `evaluate/routing/routing.json` (mose/router_pretrain.py `evaluate_routing`, from the routing trace).\n\n")
+                  "Source: `evaluate/routing/routing.json` (mose/routing_eval.py `evaluate_routing`, from the routing trace).\n\n")
 
     # --- results vs dense ---------------------------------------------------------------------
     md.append("## Held-out results: MoSE vs the dense baseline\n\n")

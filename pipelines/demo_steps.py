@@ -316,11 +316,11 @@ def plan_eval(ctx, model_dir: Path, scenes, out: Path) -> dict:
 
 
 def routing_eval(ctx, model_dir: Path, out: Path) -> dict:
-    """Routing of the held-out hierarchical items: accuracy per skill group, usage heatmap (mose/router_pretrain.py)."""
+    """Routing of the held-out hierarchical items: accuracy per skill group, usage heatmap (mose/routing_eval.py)."""
     from datasets_cfg.schema import ScenePool
     from datasets_cfg.skill_items import pool_items
     from mose.modeling import MoSEForConditionalGeneration
-    from mose.router_pretrain import evaluate_routing, usage_heatmap
+    from mose.routing_eval import evaluate_routing, usage_heatmap
     from mose.skill_data import SkillCollator, build_skill_dataset
     from mose.skills import load_taxonomy
     from training.model_setup import load_processor
