@@ -119,6 +119,28 @@ def test_autoscale_stage_with_fake_feedback(pool_dir, tmp_path):
     assert (tmp_path / "out" / "skill_tune_report" / "autoscale_rounds.png").is_file()
 
 
+def test_feedback_factory_module_attr_is_refused(pool_dir, tmp_path, monkeypatch):
+    """A plan's feedback.factory names a known hook; "module:attr" is neither imported nor called."""
+    import os
+
+    from pipelines.curate_plan import feedback_factory
+
+    real, calls = os.getcwd, []
+
+    def getcwd(*a, **k):  # the factory would call getcwd(pool, **kw); path code calls getcwd()
+        if a or k:
+            calls.append((a, k))
+            raise AssertionError("the plan ran os.getcwd")
+        return real()
+
+    monkeypatch.setattr(os, "getcwd", getcwd)
+    stages = {"skill_tune": {"pools": ["sim"], "method": "autoscale", "budget": 12, "feedback": {"factory": "os:getcwd"}}}
+    path = write_plan(tmp_path, pool_dir, stages)
+    with pytest.raises(PlanError, match=r"stages.skill_tune.feedback: .*unknown feedback hook 'os:getcwd'; expected one of \['closed_loop'\]"):
+        run_plan(load_plan(path), tmp_path / "out", feedback_factory=feedback_factory)
+    assert not calls and not (tmp_path / "out").exists()
+
+
 def stage(**kw):
     base = {"pools": ["sim"], "method": "random", "budget": 10}
     base.update(kw)
@@ -148,6 +170,8 @@ BAD = [
     ({"align": stage(method="coreset", params={"depth": 3})}, r"stages.align.params: unknown parameter\(s\) \['depth'\] for method 'coreset'"),
     ({"align": stage(budget=100)}, "stages.align.budget: 100 scenes requested but the stage pool has 47"),
     ({"align": stage(method="uncertainty")}, "stages.align.scores: method 'uncertainty' needs a per-scene scores file"),
+    ({"align": stage(scores="s.csv")}, "stages.align.scores: method 'random' does not use a per-scene scores file"),
+    ({"align": stage(method="coreset", predictions="p.json")}, "stages.align.predictions: method 'coreset' does not use a predictions file"),
     ({"align": stage(), "router_pretrain": stage(exclude_stages=["skill_tune"])}, "stages.router_pretrain.exclude_stages: 'skill_tune' is not a stage listed before"),
     ({"align": stage(budget=30), "router_pretrain": stage(budget=30, exclude_stages=["align"])},
      "stages.router_pretrain.exclude_stages: after excluding up to 30 scenes"),
