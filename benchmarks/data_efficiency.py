@@ -93,7 +93,7 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def load_overrides(path: str | None) -> dict:
-    from curation.cli import load_sections
+    from curation.config_sections import load_sections
 
     return load_sections(path, CONFIG, error=ValueError)
 

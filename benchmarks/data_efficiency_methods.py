@@ -213,56 +213,63 @@ class Context:
 
 def select(method: str, ctx: Context, budget: int, seed: int) -> tuple[list[str], dict]:
     """(selected ids in selection order, a JSON-friendly summary of what the method fitted). A variant name
-    "<method>_<tag>" (e.g. "mosaic_kmeans4") runs <method> with the config section of that name."""
+    "<method>_<tag>" (e.g. "mosaic_kmeans4") runs <method> with the config section of that name. The method's
+    selector and its inputs come from the method registry (curation/registry.py); a runner below only prepares
+    the benchmark's inputs (base sets, ensembles, feedback on the validation set)."""
     ctx.method = method
     return RUNNERS[method if method in RUNNERS else method.split("_")[0]](ctx, budget, seed, dict(ctx.config.get(method, {})))
 
 
-def _random(ctx, budget, seed, cfg):
-    from curation.baselines import RandomSelector
+def _selector(name: str, ctx: Context, seed: int, params: dict, **defaults):
+    """The registry's selector `name` with the benchmark's parameters; the seed is always the run's seed."""
+    from curation.registry import method
 
-    sel = RandomSelector(random_state=seed).select(ctx.subpool, budget)
+    return method(name).build(params, defaults={"progress": ctx.progress, **defaults}, overrides={"random_state": seed},
+                              where=f"benchmark config: {ctx.method}")
+
+
+def _select(name: str, selector, pool, budget: int, **inputs):
+    """`selector.select` with the method's SelectionContext (an input the method does not use raises)."""
+    from curation.registry import method
+
+    return selector.select(pool, budget, method(name).context(**inputs))
+
+
+def _random(ctx, budget, seed, cfg):
+    sel = _select("random", _selector("random", ctx, seed, {}), ctx.subpool, budget)
     return sel.ids, {}
 
 
 def _coreset(ctx, budget, seed, cfg):
-    from curation.baselines import CoresetSelector
-
-    sel = CoresetSelector(random_state=seed, progress=ctx.progress, **cfg).select(ctx.subpool, budget)
+    sel = _select("coreset", _selector("coreset", ctx, seed, cfg), ctx.subpool, budget)
     return sel.ids, {"covering_radius": sel.state.get("covering_radius"), "kcenter_method": sel.state.get("kcenter_method")}
 
 
 def _uncertainty(ctx, budget, seed, cfg):
-    from curation.baselines import UncertaintySelector
-
     base = base_set(ctx.cand, seed)
-    u = ensemble_uncertainty(ctx.val_pilot, base, ctx.cand, int(cfg.get("members", 5)), seed)
-    sel = UncertaintySelector(random_state=seed).select(ctx.subpool, budget, scores=dict(zip(ctx.cand, u.tolist())))
+    u = ensemble_uncertainty(ctx.val_pilot, base, ctx.cand, int(cfg.get("members", 5)), seed)  # members: the benchmark's, not the selector's
+    sel = _select("uncertainty", _selector("uncertainty", ctx, seed, {}), ctx.subpool, budget, scores=dict(zip(ctx.cand, u.tolist())))
     return sel.ids, {"base_size": len(base), "uncertainty_quantiles": np.quantile(u, [0.1, 0.5, 0.9]).tolist()}
 
 
 def _semantic(ctx, budget, seed, cfg):
-    from curation.semantic import SemanticSelector
-
     base = base_set(ctx.cand, seed)
     ctx.val_pilot.fit(base)
     preds = ctx.val_pilot.predict(ctx.cand)
-    sel = SemanticSelector(random_state=seed, progress=ctx.progress, **cfg).select(ctx.subpool, budget, predictions=preds)
+    sel = _select("semantic", _selector("semantic", ctx, seed, cfg), ctx.subpool, budget, predictions=preds)
     keep = ("pearson_check", "num_train", "num_candidates", "sigma_S", "sigma_R", "sigma_U", "loss_first", "loss_last")
     return sel.ids, {"base_size": len(base), **{k: sel.state.get(k) for k in keep}, "fallbacks": [f["what"] for f in sel.fallbacks]}
 
 
 def _mosaic(ctx, budget, seed, cfg):
-    from curation.mosaic import MOSAIC
-
     pool = ctx.pool
     key = cfg.pop("domain_key", None)
     if key and "+" in key:  # OURS: a composite domain such as "location+source" becomes a column of its own
         cols = [pool.column(k) for k in key.split("+")]
         pool = pool.with_column("benchmark_domain", ["/".join(map(str, v)) for v in zip(*cols)])
         key = "benchmark_domain"
-    sel = MOSAIC(domain_key=key, random_state=seed, progress=ctx.progress, plot_dir=ctx.plots_for(seed, budget), **cfg).select(
-        pool, budget, pilot=ctx.val_pilot, exclude=ctx.exclude)
+    selector = _selector("mosaic", ctx, seed, {"domain_key": key, "plot_dir": ctx.plots_for(seed, budget), **cfg})
+    sel = _select("mosaic", selector, pool, budget, pilot=ctx.val_pilot, exclude=ctx.exclude)
     st = sel.state
     return sel.ids, {"domains": st["domains"], "allocation": st["allocation"], "importance": st["importance"],
                      "fits": {d: {k: f[k] for k in ("a", "tau", "r2", "status")} for d, f in st["fits"].items()},
@@ -271,16 +278,13 @@ def _mosaic(ctx, budget, seed, cfg):
 
 
 def _sead(ctx, budget, seed, cfg):
-    from curation.sead import SEAD
-
     # SEAD's choices come from ground-truth agent/map sets (FastPilot has no set_features), so its retraining
-    # rounds only record metrics: they are skipped here (pilot=None); the chosen scenes are the same.
-    sel = SEAD(random_state=seed, progress=ctx.progress, final_fit=False, **cfg).select(ctx.pool, budget, exclude=ctx.exclude)
+    # rounds only record metrics: they are skipped here (no pilot); the chosen scenes are the same.
+    sel = _select("sead", _selector("sead", ctx, seed, cfg, final_fit=False), ctx.pool, budget, exclude=ctx.exclude)
     return sel.ids, {"round_budgets": sel.state["round_budgets"], "fallbacks": [f["what"] for f in sel.fallbacks]}
 
 
 def _autoscale(ctx, budget, seed, cfg):
-    from curation.autoscale import AutoScaleSelector
     from curation.features import ArrayPool
 
     feedback = cfg.pop("feedback", "pilot")
@@ -294,7 +298,7 @@ def _autoscale(ctx, budget, seed, cfg):
                                        pilot_alpha=ctx.val_pilot.alpha, random_state=seed)
     else:
         raise ValueError(f"autoscale: feedback must be 'pilot' or 'closed_loop', got {feedback!r}")
-    sel = AutoScaleSelector(random_state=seed, progress=ctx.progress, **cfg)
+    sel = _selector("autoscale", ctx, seed, cfg)
     if seed not in ctx._embeddings:  # Graph-RAE depends on the seed, not on the budget: embed once per seed
         pos = {s: i for i, s in enumerate(ctx.pool.ids)}
         ctx._embeddings[seed] = sel.embed(ctx.pool, np.array([pos[s] for s in ctx.cand], np.int64))
@@ -302,12 +306,13 @@ def _autoscale(ctx, budget, seed, cfg):
     src = ctx.subpool.column("source")
     arr = ArrayPool(ctx.cand, {"source": src, "benchmark_embedding": Z.tolist()})
     sel.embedding = "benchmark_embedding"
-    out = sel.select(arr, budget, evaluator=evaluator, report_dir=ctx.plots_for(seed, budget))
+    out = _select("autoscale", sel, arr, budget, evaluator=evaluator, report_dir=ctx.plots_for(seed, budget))
     st = out.state
     return out.ids, {"feedback": feedback, "embedding": emb_state, "ratio": st["ratio"], "synthetic_fraction": st["synthetic_fraction"],
                      "best_round": st["best_round"], "best_score": st["best_score"], "initial_score": st["initial_score"],
                      "evaluations": st["evaluations"], "stop_reason": st["stop_reason"]}
 
 
+# the benchmark's input preparation per registered method (curation/registry.py METHODS)
 RUNNERS = {"random": _random, "coreset": _coreset, "uncertainty": _uncertainty, "mosaic": _mosaic, "sead": _sead,
            "semantic": _semantic, "autoscale": _autoscale}

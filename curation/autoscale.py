@@ -261,6 +261,7 @@ class AutoScaleSelector(Selector):
     """
 
     method = "autoscale"
+    needs = frozenset({"evaluator", "exclude", "report_dir"})  # the SelectionContext inputs it uses (curation/context.py)
 
     def __init__(self, n_clusters: int = 6, embedding: str = "graph_rae", rae_epochs: int = 20, rae_embed_dim: int = 32, rae_hidden: int = 64,
                  rae_contrastive_weight: float = 0.5, rae_metric_weight: float = 0.5, graph: dict | None = None, init: str = "size",
@@ -345,8 +346,8 @@ class AutoScaleSelector(Selector):
         return cells, labels, cent
 
     # selection --------------------------------------------------------------------------------
-    def select(self, pool, budget: int, *, evaluator=None, exclude: Sequence[str] = (), report_dir: str | os.PathLike | None = None,
-               **_) -> Selection:
+    def _select(self, pool, budget: int, ctx) -> Selection:
+        evaluator, exclude, report_dir = ctx.evaluator, ctx.exclude, ctx.report_dir
         self._check()
         if evaluator is None:
             raise SelectionError("autoscale: needs closed-loop feedback: pass evaluator= (a MixtureEvaluator with evaluate(ids), e.g. "

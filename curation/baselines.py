@@ -15,11 +15,12 @@ class RandomSelector(Selector):
     """Uniformly random scenes (the reference for BRMR). Score = the uniform draw that ordered the scene."""
 
     method = "random"
+    needs = frozenset()  # the SelectionContext inputs it uses (curation/context.py)
 
     def __init__(self, random_state: int = 0):
         self.random_state = random_state
 
-    def select(self, pool, budget: int, **_) -> Selection:
+    def _select(self, pool, budget: int, ctx) -> Selection:
         n = check_budget(budget, len(pool))
         rng = np.random.default_rng(self.random_state)
         keys = rng.random(len(pool))
@@ -42,6 +43,7 @@ class CoresetSelector(Selector):
     """
 
     method = "coreset"
+    needs = frozenset({"features", "initial_ids"})  # the SelectionContext inputs it uses (curation/context.py)
 
     def __init__(self, features: str = "scene", algorithm: str = "auto", standardize: bool = True, cell_centres: int = 8,
                  neighbours: int = 16, progress: bool = False, random_state: int = 0):
@@ -58,7 +60,8 @@ class CoresetSelector(Selector):
                 "standardize": self.standardize, "cell_centres": self.cell_centres, "neighbours": self.neighbours,
                 "random_state": self.random_state}
 
-    def select(self, pool, budget: int, *, features=None, initial_ids=None, **_) -> Selection:
+    def _select(self, pool, budget: int, ctx) -> Selection:
+        features, initial_ids = ctx.features, ctx.initial_ids
         initial_ids = list(initial_ids or [])
         n = check_budget(budget, len(pool) - len(set(initial_ids)), "pool (minus already-selected scenes)")
         X, names, desc = resolve_features(pool, self.features if features is None else features, self.standardize)
@@ -94,13 +97,15 @@ class UncertaintySelector(Selector):
     """
 
     method = "uncertainty"
+    needs = frozenset({"scores"})  # the SelectionContext inputs it uses (curation/context.py)
 
     def __init__(self, column: str = "score", missing: str = "error", random_state: int = 0):
         self.column = column
         self.missing = missing
         self.random_state = random_state
 
-    def select(self, pool, budget: int, *, scores=None, **_) -> Selection:
+    def _select(self, pool, budget: int, ctx) -> Selection:
+        scores = ctx.scores
         n = check_budget(budget, len(pool))
         if scores is None:
             raise SelectionError("uncertainty: needs per-scene scores (--scores FILE with 'id' and a score column)")

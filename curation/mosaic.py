@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from curation.features import resolve_features
 from curation.scaling import DomainFit, allocate, fit_saturating, predicted_gain, saturating
 from curation.scores import align_scores
-from curation.selection import PilotError, PilotTrainer, SampleScorer, Selection, SelectionError, Selector, check_budget, pool_info, run_pilot
+from curation.selection import PilotError, SampleScorer, Selection, SelectionError, Selector, check_budget, pool_info, run_pilot
 
 
 def domains_from_key(pool, key: str, ids_idx: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
@@ -98,6 +98,7 @@ class MOSAIC(Selector):
     """Scaling-aware selection; see the module docstring for every step and choice."""
 
     method = "mosaic"
+    needs = frozenset({"features", "scores", "pilot", "exclude"})  # the SelectionContext inputs it uses (curation/context.py)
 
     def __init__(self, n_domains: int = 4, domain_key: str | None = None, features: str = "scene", importance: str = "high",
                  pilot_sizes: Sequence[int] | None = None, n_pilot_sizes: int = 4, pilot_min: int = 8, pilot_max: int | None = None,
@@ -131,8 +132,8 @@ class MOSAIC(Selector):
             raise SelectionError(f"mosaic: n_domains must be a positive integer, got {self.n_domains!r}")
 
     # ------------------------------------------------------------------------------------------
-    def select(self, pool, budget: int, *, features=None, scores=None, pilot: PilotTrainer | None = None,
-               exclude: Sequence[str] = (), **_) -> Selection:
+    def _select(self, pool, budget: int, ctx) -> Selection:
+        features, scores, pilot, exclude = ctx.features, ctx.scores, ctx.pilot, ctx.exclude
         self._validate()
         rng = np.random.default_rng(self.random_state)
         all_ids = pool.ids

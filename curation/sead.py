@@ -42,7 +42,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from curation.features import agent_set, map_set
-from curation.selection import PilotTrainer, Selection, SelectionError, Selector, check_budget, pool_info, run_pilot
+from curation.selection import Selection, SelectionError, Selector, check_budget, pool_info, run_pilot
 
 STATIC = ("DS", "DR", "NS", "NR")
 DYNAMIC = ("B", "S", "N")
@@ -251,6 +251,7 @@ class SEAD(Selector):
     """Initial stratified selection, then feature-shift rounds with key frames; see the module docstring."""
 
     method = "sead"
+    needs = frozenset({"pilot", "exclude"})  # the SelectionContext inputs it uses (curation/context.py)
 
     def __init__(self, n_rounds: int = 3, initial_fraction: float | None = None, lam: float = 1 / 3, acc_field: str = "accel_lat",
                  clip_key: str = "log_name", time_key: str = "timestamp_s", fs_mode: str = "emd", agent_dims: int = 4,
@@ -340,7 +341,8 @@ class SEAD(Selector):
         return np.asarray(acc), np.asarray(yaw), np.array([f"{s}-{d}" for s, d in zip(static, dyn)]), unknown
 
     # ------------------------------------------------------------------------------------------
-    def select(self, pool, budget: int, *, pilot: PilotTrainer | None = None, exclude: Sequence[str] = (), **_) -> Selection:
+    def _select(self, pool, budget: int, ctx) -> Selection:
+        pilot, exclude = ctx.pilot, ctx.exclude
         if self.fs_mode not in ("emd", "mean"):
             raise SelectionError(f"sead: fs_mode must be 'emd' or 'mean', got {self.fs_mode!r}")
         if self.n_rounds < 1:

@@ -18,12 +18,15 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from common.atomic import write_json, write_jsonl
 from common.errors import MoseError
+
+if TYPE_CHECKING:
+    from curation.context import SelectionContext
 
 FORMAT = "mose.selection"
 FORMAT_VERSION = 1
@@ -185,11 +188,22 @@ class Selector:
 
     `pool` is a `datasets_cfg.schema.ScenePool` or any object with `.ids` and `.column(name)` (e.g.
     `curation.features.ArrayPool` for feature tables too large to hold as scenes).
+
+    A subclass declares the inputs it uses in `needs` (names of `curation.context.SelectionContext` fields)
+    and implements `_select(pool, budget, ctx)`; `select` builds the context with
+    `curation.context.selection_context`, which raises `SelectionError` for an input the method does not use.
     """
 
     method: str = "base"
+    needs: frozenset = frozenset()
 
-    def select(self, pool, budget: int, **kwargs) -> Selection:  # pragma: no cover - interface
+    def select(self, pool, budget: int, context: SelectionContext | None = None, **inputs) -> Selection:
+        """Select `budget` scenes of `pool`; the inputs come as a `SelectionContext` (`context`) and/or keywords."""
+        from curation.context import selection_context
+
+        return self._select(pool, budget, selection_context(self.method, self.needs, context, **inputs))
+
+    def _select(self, pool, budget: int, ctx: SelectionContext) -> Selection:  # pragma: no cover - interface
         raise NotImplementedError
 
     def get_params(self) -> dict:

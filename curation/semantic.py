@@ -438,6 +438,7 @@ class SemanticSelector(Selector):
     """
 
     method = "semantic"
+    needs = frozenset({"predictions", "train_ids", "report_dir"})  # the SelectionContext inputs it uses (curation/context.py)
 
     def __init__(self, horizon: int = 5, num_poses: int = 8, interval: float = 0.5, sigma: float = 1.0, safety_path: str = "plan",
                  weights: Sequence[float] = (1.0, 1.0, 1.0), epochs: int = 100, batch_size: int = 256, lr: float = 1e-3,
@@ -460,8 +461,8 @@ class SemanticSelector(Selector):
         if self.num_poses < self.horizon:
             raise SelectionError(f"semantic: num_poses ({self.num_poses}) must be >= horizon ({self.horizon})")
 
-    def select(self, pool, budget: int, *, predictions=None, train_ids: Sequence[str] | None = None,
-               report_dir: str | os.PathLike | None = None, **_) -> Selection:
+    def _select(self, pool, budget: int, ctx) -> Selection:
+        predictions, train_ids, report_dir = ctx.predictions, ctx.train_ids, ctx.report_dir
         self._check()
         if not hasattr(pool, "dataset"):
             raise SelectionError(f"semantic: needs a ScenePool (ego futures and agents per scene), got {type(pool).__name__}")

@@ -22,7 +22,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("pool",): ("datasets_cfg.pool_cli", "summarise a ScenePool directory"),
     ("skills",): ("datasets_cfg.skill_annotation", "annotate a pool's QA items and scenes with skills and report coverage"),
     ("presets",): ("mose.presets", "list model presets with total and activated parameter counts"),
-    ("curate",): ("curation.cli", "select scenes for training (random, coreset, uncertainty, mosaic, sead, plan)"),
+    ("curate",): ("pipelines.curate", "select scenes for training (random, coreset, uncertainty, mosaic, sead, plan)"),
     ("train",): ("training.cli", "run the training stages (align, router pretraining, skill tuning)"),
     ("eval", "navsim"): ("eval.navsim.cli", "score trajectories with the standalone NAVSIM PDMS/EPDMS scorer"),
     ("eval", "coda"): ("eval.coda_lm", "CODA-LM corner-case reasoning: generate, judge, score"),

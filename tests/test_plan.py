@@ -1,4 +1,4 @@
-"""The per-stage data plan (curation/plan.py, curation/plan_cli.py): bad plans fail early and clearly; a plan
+"""The per-stage data plan (curation/plan.py, pipelines/curate_plan.py): bad plans fail early and clearly; a plan
 end to end writes manifests that respect budget, ratio and skill minimums, plus the coverage report."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from curation.plan import PlanError, load_plan, run_plan
-from curation.plan_cli import main as plan_main
 from curation.selection import Selection
 from datasets_cfg.schema import ScenePool
 from mose.skills import load_taxonomy
+from pipelines.curate_plan import main as plan_main
 from tests.semantic_autoscale_fixtures import mixed_rows, scene
 
 DEMO = Path(__file__).resolve().parents[1] / "datasets_cfg" / "stages" / "demo.yaml"
@@ -103,16 +103,42 @@ def test_plan_end_to_end(pool_dir, tmp_path):
 def test_autoscale_stage_with_fake_feedback(pool_dir, tmp_path):
     stages = {"skill_tune": {"pools": ["sim"], "method": "autoscale", "budget": 12,
                              "params": {"n_clusters": 2, "rae_epochs": 2, "max_rounds": 3, "step_size": 1.0},
-                             "feedback": {"factory": "tests.semantic_autoscale_fixtures:FakeRatioFeedback", "target": 0.0},
+                             "feedback": {"factory": "fake", "target": 0.0},
                              "skills": {"min": {"traffic_cones": 2}}}}
-    from curation.plan_cli import feedback_factory
+    from pipelines.curate_plan import feedback_factory
+    from tests.semantic_autoscale_fixtures import FakeRatioFeedback
 
-    res = run_plan(load_plan(write_plan(tmp_path, pool_dir, stages)), tmp_path / "out", feedback_factory=feedback_factory)
+    def fake_hooks(spec, pool):
+        return feedback_factory(spec, pool, hooks={"fake": FakeRatioFeedback})
+
+    res = run_plan(load_plan(write_plan(tmp_path, pool_dir, stages)), tmp_path / "out", feedback_factory=fake_hooks)
     sel = res.selections["skill_tune"]
     assert len(sel) == 12 and sum(i.startswith("cone") for i in sel.ids) >= 2
     st = sel.state["method_state"]["all"]
     assert st["rounds"][0]["ratio"] and st["best_score"] >= st["initial_score"]
     assert (tmp_path / "out" / "skill_tune_report" / "autoscale_rounds.png").is_file()
+
+
+def test_feedback_factory_module_attr_is_refused(pool_dir, tmp_path, monkeypatch):
+    """A plan's feedback.factory names a known hook; "module:attr" is neither imported nor called."""
+    import os
+
+    from pipelines.curate_plan import feedback_factory
+
+    real, calls = os.getcwd, []
+
+    def getcwd(*a, **k):  # the factory would call getcwd(pool, **kw); path code calls getcwd()
+        if a or k:
+            calls.append((a, k))
+            raise AssertionError("the plan ran os.getcwd")
+        return real()
+
+    monkeypatch.setattr(os, "getcwd", getcwd)
+    stages = {"skill_tune": {"pools": ["sim"], "method": "autoscale", "budget": 12, "feedback": {"factory": "os:getcwd"}}}
+    path = write_plan(tmp_path, pool_dir, stages)
+    with pytest.raises(PlanError, match=r"stages.skill_tune.feedback: .*unknown feedback hook 'os:getcwd'; expected one of \['closed_loop'\]"):
+        run_plan(load_plan(path), tmp_path / "out", feedback_factory=feedback_factory)
+    assert not calls and not (tmp_path / "out").exists()
 
 
 def stage(**kw):
@@ -144,6 +170,8 @@ BAD = [
     ({"align": stage(method="coreset", params={"depth": 3})}, r"stages.align.params: unknown parameter\(s\) \['depth'\] for method 'coreset'"),
     ({"align": stage(budget=100)}, "stages.align.budget: 100 scenes requested but the stage pool has 47"),
     ({"align": stage(method="uncertainty")}, "stages.align.scores: method 'uncertainty' needs a per-scene scores file"),
+    ({"align": stage(scores="s.csv")}, "stages.align.scores: method 'random' does not use a per-scene scores file"),
+    ({"align": stage(method="coreset", predictions="p.json")}, "stages.align.predictions: method 'coreset' does not use a predictions file"),
     ({"align": stage(), "router_pretrain": stage(exclude_stages=["skill_tune"])}, "stages.router_pretrain.exclude_stages: 'skill_tune' is not a stage listed before"),
     ({"align": stage(budget=30), "router_pretrain": stage(budget=30, exclude_stages=["align"])},
      "stages.router_pretrain.exclude_stages: after excluding up to 30 scenes"),
@@ -154,7 +182,7 @@ BAD = [
 
 @pytest.mark.parametrize("stages, match", BAD, ids=[m[:40] for _, m in BAD])
 def test_bad_plans_fail_before_any_selection(pool_dir, tmp_path, stages, match, monkeypatch):
-    import curation.plan as plan_mod
+    import curation.plan_select as plan_mod
 
     def no_selection(*a, **k):  # a spy: selection must never start for a bad plan
         raise AssertionError("selection ran for an invalid plan")

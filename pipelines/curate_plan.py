@@ -3,21 +3,31 @@
     mose curate --plan datasets_cfg/stages/demo.yaml --out runs/plan [--plan-pool sim=DIR ...] [--seed S] [--no-progress]
 
 Writes DIR/<stage>.jsonl (+ .header.json) per stage, DIR/coverage.{csv,md,png} and DIR/plan_summary.json.
-Like curation/cli.py, this module is a composition root: it alone reaches into eval, lazily, for the fast
-pilot (MOSAIC / SEAD stages, through curation.cli.make_pilot) and for AutoScale's closed-loop feedback (the
-stage's `feedback.factory`, default "eval.autoscale_feedback:ClosedLoopFeedback", called as
-factory(pool, **other feedback keys)).
+Like pipelines/curate.py, this module is a composition root of the application layer: it alone reaches into
+eval, lazily, for the fast pilot (MOSAIC / SEAD stages, through pipelines.curate.make_pilot) and for
+AutoScale's closed-loop feedback. A stage's `feedback.factory` names a hook of FEEDBACK_HOOKS (default
+"closed_loop": eval.autoscale_feedback.ClosedLoopFeedback), called as hook(pool, **other feedback keys); any
+other name, a "module:attr" string included, is refused without importing anything.
 
-Usable on its own (`add_arguments` / `run`) or inside `mose curate` (`register` adds --plan and --plan-pool
-to that parser; `run` is called when --plan is given).
+Usable on its own (`add_arguments` / `run`, or `python -m pipelines.curate_plan`) or inside `mose curate`
+(`register` adds --plan and --plan-pool to that parser; `run` is called when --plan is given).
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-DEFAULT_FEEDBACK = "eval.autoscale_feedback:ClosedLoopFeedback"
+
+def closed_loop_feedback(pool, **kw):
+    """AutoScale's closed-loop evaluator (eval/autoscale_feedback.py): the fast pilot driven in highway-env."""
+    from eval.autoscale_feedback import ClosedLoopFeedback
+
+    return ClosedLoopFeedback(pool, **kw)
+
+
+# the feedback hooks a plan's (or --config's) `feedback.factory` may name
+FEEDBACK_HOOKS = {"closed_loop": closed_loop_feedback}
+DEFAULT_FEEDBACK = "closed_loop"
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -46,35 +56,23 @@ def parse_pools(items) -> dict[str, str]:
 
 
 def pilot_factory(pool, params: dict, seed: int):
-    from curation.cli import make_pilot
+    from pipelines.curate import make_pilot
 
     return make_pilot(pool, params, seed, "plan pilot")
 
 
-def feedback_factory(spec: dict, pool):
-    """The AutoScale evaluator: spec = {"factory": "module:attr", **keyword arguments}."""
+def feedback_factory(spec: dict, pool, hooks: dict | None = None):
+    """The AutoScale evaluator: spec = {"factory": a name of `hooks` (default FEEDBACK_HOOKS), **keyword arguments}.
+
+    An unknown name (e.g. a "module:attr" string) raises PlanError listing the known names; nothing is imported."""
+    from curation.plan import PlanError
+
+    hooks = FEEDBACK_HOOKS if hooks is None else hooks
     spec = dict(spec or {})
-    target = spec.pop("factory", DEFAULT_FEEDBACK)
-    mod, _, attr = str(target).partition(":")
-    if not attr:
-        raise ValueError(f"feedback factory must be 'module:attribute', got {target!r}")
-    return getattr(importlib.import_module(mod), attr)(pool, **spec)
-
-
-def method_kwargs(method: str, pool, cfg: dict, args) -> dict:
-    """Extra `select` keyword arguments for `mose curate --method semantic|autoscale` (curation/cli.py):
-    semantic -> report_dir (the embedding map and scores CSV); autoscale -> the closed-loop evaluator built
-    from the config's `feedback` section (see `feedback_factory`), its held-out ids excluded, and report_dir."""
-    from pathlib import Path
-
-    out = Path(args.out)
-    plots = getattr(args, "plots", None) or str(out.with_name(out.name.removesuffix(".jsonl") + "_plots"))
-    if method == "semantic":
-        return {"report_dir": plots}
-    if method == "autoscale":
-        evaluator = feedback_factory(cfg.get("feedback", {}), pool)
-        return {"evaluator": evaluator, "exclude": list(getattr(evaluator, "heldout_ids", []) or []), "report_dir": plots}
-    return {}
+    name = spec.pop("factory", DEFAULT_FEEDBACK)
+    if not isinstance(name, str) or name not in hooks:
+        raise PlanError(f"feedback.factory: unknown feedback hook {name!r}; expected one of {sorted(hooks)}")
+    return hooks[name](pool, **spec)
 
 
 def run(args) -> int:
@@ -102,7 +100,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m curation.plan_cli", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.curate_plan", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

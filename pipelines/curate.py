@@ -2,40 +2,36 @@
 
     mose curate --method {random,coreset,uncertainty,mosaic,sead,semantic,autoscale} --pool DIR --budget N --out FILE.jsonl
                 [--config YAML] [--seed S] [--scores FILE] [--pilot {auto,fast,none}] [--plots DIR]
-    mose curate --plan PLAN.yaml --out DIR ...   (per-stage plans: curation/plan_cli.py, when present)
+    mose curate --plan PLAN.yaml --out DIR ...   (per-stage plans: pipelines/curate_plan.py)
 
 The config YAML holds one section per method with that selector's parameters, plus a `pilot` section for
-the fast pilot (eval/pilot.py: eval_fraction, eval_size, model, alpha, metric, tracking, human_filter):
+the fast pilot (eval/pilot.py: eval_fraction, eval_size, model, alpha, metric, tracking, human_filter) and a
+`feedback` section for AutoScale's closed-loop evaluator (pipelines/curate_plan.py: feedback_factory):
 
     mosaic: {n_domains: 4, importance: high, n_pilot_sizes: 4}
     pilot: {eval_fraction: 0.2, tracking: false}
 
-Methods that need model feedback (MOSAIC always unless `fits` are given; SEAD for its retraining rounds
-with --pilot auto) get the fast pilot; its held-out scenes are excluded from the selection and listed in
-the manifest header. This module is the composition root: it alone imports eval (lazily, for the pilot).
+The methods and what each one receives come from one registry (curation/registry.py). Methods that use a
+pilot (MOSAIC unless `fits` are given; SEAD for its retraining rounds with --pilot auto) get the fast pilot;
+its held-out scenes are excluded from the selection and listed in the manifest header. This module (with
+pipelines/curate_plan.py) is the composition root of the application layer: it alone builds the eval
+objects (the fast pilot from eval.pilot, lazily) that the curation library receives.
 """
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 from pathlib import Path
 
-from curation.autoscale import AutoScaleSelector
-from curation.baselines import CoresetSelector, RandomSelector, UncertaintySelector
-from curation.mosaic import MOSAIC
-from curation.sead import SEAD
+from curation.config_sections import load_sections
+from curation.registry import METHODS
 from curation.selection import PilotError, SelectionError
-from curation.semantic import SemanticSelector
 
-# method name -> selector class; other stages (e.g. a per-stage plan) can register more entries
-METHODS = {"random": RandomSelector, "coreset": CoresetSelector, "uncertainty": UncertaintySelector, "mosaic": MOSAIC, "sead": SEAD,
-           "semantic": SemanticSelector, "autoscale": AutoScaleSelector}
 PILOT_KEYS = ("eval_fraction", "eval_size", "max_eval", "model", "alpha", "metric", "tracking", "human_filter")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # --method/--pool/--budget are checked in run(): a per-stage plan (--plan, curation/plan_cli.py) replaces them
+    # --method/--pool/--budget are checked in run(): a per-stage plan (--plan, pipelines/curate_plan.py) replaces them
     parser.add_argument("--method", choices=sorted(METHODS), help="selection method (required unless --plan)")
     parser.add_argument("--pool", help="ScenePool directory")
     parser.add_argument("--budget", type=int, help="number of scenes to select")
@@ -47,61 +43,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model feedback: auto = the fast pilot where the method uses one; none = no pilot")
     parser.add_argument("--plots", help="directory for plots (MOSAIC); default: <out stem>_plots/")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    try:
-        from curation import plan_cli
-    except ModuleNotFoundError as exc:  # the plan stage is optional
-        if exc.name != "curation.plan_cli":
-            raise
-    else:
-        plan_cli.register(parser)
+    from pipelines import curate_plan
 
-
-def load_sections(path: str | None, allowed, error=SelectionError) -> dict:
-    """A YAML file of named sections, each a mapping of parameters; `allowed` names the sections it may hold."""
-    if not path:
-        return {}
-    from common.yaml_file import read_yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: config file not found")
-    cfg = read_yaml(p, what="config file", expect=object, error=error) or {}
-    if not isinstance(cfg, dict):
-        raise error(f"{p}: expected a mapping of sections ({', '.join(sorted(allowed))}), got {type(cfg).__name__}")
-    bad = sorted(set(cfg) - set(allowed))
-    if bad:
-        raise error(f"{p}: unknown section(s) {bad}; expected some of {sorted(allowed)}")
-    for name, section in cfg.items():
-        if not isinstance(section, dict):
-            raise error(f"{p}: section {name!r}: expected a mapping of parameters, got {section!r}")
-    return cfg
+    curate_plan.register(parser)
 
 
 def load_config(path: str | None) -> dict:
-    # feedback: AutoScale's closed-loop evaluator (plan_cli.feedback_factory)
-    return load_sections(path, set(METHODS) | {"pilot", "feedback"})
+    # feedback: AutoScale's closed-loop evaluator (curate_plan.feedback_factory)
+    return load_sections(path, {m.section for m in METHODS.values()} | {"pilot", "feedback"})
 
 
 def build_selector(method: str, params: dict, seed: int | None, progress: bool, where: str = "config"):
-    cls = METHODS[method]
-    names = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    bad = sorted(set(params) - names)
+    m = METHODS[method]
+    bad = m.unknown_parameters(params)
     if bad:
-        raise SelectionError(f"{where}: section {method!r}: unknown parameter(s) {bad}; expected some of {sorted(names)}")
-    params = dict(params)
-    if seed is not None:
-        params["random_state"] = seed
-    if "progress" in names and "progress" not in params:
-        params["progress"] = progress
-    return cls(**params)
+        raise SelectionError(f"{where}: section {m.section!r}: unknown parameter(s) {bad}; expected some of {m.parameters()}")
+    return m.build(params, defaults={"progress": progress}, overrides={} if seed is None else {"random_state": seed})
 
 
 def needs_pilot(method: str, params: dict, mode: str) -> bool:
     if mode == "none":
         return False
-    if method == "mosaic":
-        return params.get("fits") is None
-    return method == "sead" and mode in ("auto", "fast")
+    return METHODS[method].uses_pilot(params)
 
 
 def make_pilot(pool, params: dict, seed: int | None, where: str = "config"):
@@ -113,38 +76,47 @@ def make_pilot(pool, params: dict, seed: int | None, where: str = "config"):
     return FastPilot.from_pool(pool, random_state=0 if seed is None else seed, **params)
 
 
+def plots_dir(args) -> str:
+    """--plots, or <out stem>_plots/ next to --out."""
+    out = Path(args.out)
+    return args.plots or str(out.with_name(out.name.removesuffix(".jsonl") + "_plots"))
+
+
 def run(args) -> int:
     from curation.features import FeatureError
     from datasets_cfg.schema import ScenePool, SchemaError
 
     if getattr(args, "plan", None):
-        from curation import plan_cli
+        from pipelines import curate_plan
 
-        return plan_cli.run(args)
+        return curate_plan.run(args)
     missing = [f"--{name}" for name in ("method", "pool", "budget") if getattr(args, name) is None]
     if missing:
         print(f"mose curate: error: {', '.join(missing)} required (or --plan PLAN.yaml)", file=sys.stderr)
         return 2
     try:
+        m = METHODS[args.method]
         cfg = load_config(args.config)
-        params = cfg.get(args.method, {})
+        params = cfg.get(m.section, {})
         selector = build_selector(args.method, params, args.seed, not args.no_progress, args.config or "config")
         pool = ScenePool.load(args.pool)
-        kwargs = {}
+        inputs = {}
         if args.scores:
-            kwargs["scores"] = args.scores
+            inputs["scores"] = args.scores
         pilot = None
         if needs_pilot(args.method, params, args.pilot):
             pilot = make_pilot(pool, cfg.get("pilot", {}), args.seed, args.config or "config")
-            kwargs.update(pilot=pilot, exclude=pilot.eval_ids)
-        if args.method == "mosaic" and selector.plot_dir is None:
-            out = Path(args.out)
-            selector.plot_dir = args.plots or str(out.with_name(out.name.removesuffix(".jsonl") + "_plots"))
-        if args.method in ("semantic", "autoscale"):
-            from curation import plan_cli
+            inputs.update(pilot=pilot, exclude=pilot.eval_ids)
+        if m.plot_param and getattr(selector, m.plot_param) is None:
+            setattr(selector, m.plot_param, plots_dir(args))
+        if "evaluator" in m.needs:
+            from pipelines.curate_plan import feedback_factory
 
-            kwargs.update(plan_cli.method_kwargs(args.method, pool, cfg, args))
-        selection = selector.select(pool, args.budget, **kwargs)
+            evaluator = feedback_factory(cfg.get("feedback", {}), pool)
+            inputs.update(evaluator=evaluator, exclude=list(getattr(evaluator, "heldout_ids", []) or []))
+        if "report_dir" in m.needs:
+            inputs["report_dir"] = plots_dir(args)
+        selection = selector.select(pool, args.budget, m.context(**inputs))
         if pilot is not None:
             selection.state["pilot_eval_ids"] = list(pilot.eval_ids)
             selection.config = {**selection.config, "pilot": {k: getattr(pilot, k, None) for k in ("model", "alpha", "metric", "tracking", "human_filter")}}
