@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
-from curation.selection import SelectionError
+from curation.errors import SelectionError
 
 
 @dataclass(frozen=True)

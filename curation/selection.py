@@ -23,21 +23,13 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from common.atomic import write_json, write_jsonl
-from common.errors import MoseError
+from curation.errors import PilotError, SelectionError  # noqa: F401  (re-exported: the selector API's errors)
 
 if TYPE_CHECKING:
     from curation.context import SelectionContext
 
 FORMAT = "mose.selection"
 FORMAT_VERSION = 1
-
-
-class SelectionError(MoseError, ValueError):
-    """Bad selector input (budget, features, scores) or a manifest that does not fit its header."""
-
-
-class PilotError(MoseError, RuntimeError):
-    """A pilot run failed or returned no usable score."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,16 +6,16 @@
 
 The config YAML holds one section per method with that selector's parameters, plus a `pilot` section for
 the fast pilot (eval/pilot.py: eval_fraction, eval_size, model, alpha, metric, tracking, human_filter) and a
-`feedback` section for AutoScale's closed-loop evaluator (pipelines/curate_plan.py: feedback_factory):
+`feedback` section for AutoScale's closed-loop evaluator (pipelines/curate_hooks.py: feedback_factory):
 
     mosaic: {n_domains: 4, importance: high, n_pilot_sizes: 4}
     pilot: {eval_fraction: 0.2, tracking: false}
 
 The methods and what each one receives come from one registry (curation/registry.py). Methods that use a
 pilot (MOSAIC unless `fits` are given; SEAD for its retraining rounds with --pilot auto) get the fast pilot;
-its held-out scenes are excluded from the selection and listed in the manifest header. This module (with
-pipelines/curate_plan.py) is the composition root of the application layer: it alone builds the eval
-objects (the fast pilot from eval.pilot, lazily) that the curation library receives.
+its held-out scenes are excluded from the selection and listed in the manifest header. This module and
+pipelines/curate_plan.py compose the curation library with the eval objects it receives (the fast pilot, AutoScale's
+feedback), which pipelines/curate_hooks.py builds by name.
 """
 from __future__ import annotations
 
@@ -26,8 +26,7 @@ from pathlib import Path
 from curation.config_sections import load_sections
 from curation.registry import METHODS
 from curation.selection import PilotError, SelectionError
-
-PILOT_KEYS = ("eval_fraction", "eval_size", "max_eval", "model", "alpha", "metric", "tracking", "human_filter")
+from pipelines.curate_hooks import make_pilot
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_config(path: str | None) -> dict:
-    # feedback: AutoScale's closed-loop evaluator (curate_plan.feedback_factory)
+    # feedback: AutoScale's closed-loop evaluator (curate_hooks.feedback_factory)
     return load_sections(path, {m.section for m in METHODS.values()} | {"pilot", "feedback"})
 
 
@@ -65,15 +64,6 @@ def needs_pilot(method: str, params: dict, mode: str) -> bool:
     if mode == "none":
         return False
     return METHODS[method].uses_pilot(params)
-
-
-def make_pilot(pool, params: dict, seed: int | None, where: str = "config"):
-    from eval.pilot import FastPilot  # eval depends on curation, never the reverse: import here only
-
-    bad = sorted(set(params) - set(PILOT_KEYS))
-    if bad:
-        raise SelectionError(f"{where}: section 'pilot': unknown parameter(s) {bad}; expected some of {sorted(PILOT_KEYS)}")
-    return FastPilot.from_pool(pool, random_state=0 if seed is None else seed, **params)
 
 
 def plots_dir(args) -> str:
@@ -110,7 +100,7 @@ def run(args) -> int:
         if m.plot_param and getattr(selector, m.plot_param) is None:
             setattr(selector, m.plot_param, plots_dir(args))
         if "evaluator" in m.needs:
-            from pipelines.curate_plan import feedback_factory
+            from pipelines.curate_hooks import feedback_factory
 
             evaluator = feedback_factory(cfg.get("feedback", {}), pool)
             inputs.update(evaluator=evaluator, exclude=list(getattr(evaluator, "heldout_ids", []) or []))

@@ -3,11 +3,11 @@
     mose curate --plan datasets_cfg/stages/demo.yaml --out runs/plan [--plan-pool sim=DIR ...] [--seed S] [--no-progress]
 
 Writes DIR/<stage>.jsonl (+ .header.json) per stage, DIR/coverage.{csv,md,png} and DIR/plan_summary.json.
-Like pipelines/curate.py, this module is a composition root of the application layer: it alone reaches into
-eval, lazily, for the fast pilot (MOSAIC / SEAD stages, through pipelines.curate.make_pilot) and for
-AutoScale's closed-loop feedback. A stage's `feedback.factory` names a hook of FEEDBACK_HOOKS (default
-"closed_loop": eval.autoscale_feedback.ClosedLoopFeedback), called as hook(pool, **other feedback keys); any
-other name, a "module:attr" string included, is refused without importing anything.
+Like pipelines/curate.py, this module composes the curation library with what it receives from eval, built by
+pipelines/curate_hooks.py: the fast pilot (MOSAIC / SEAD stages) and AutoScale's closed-loop feedback. A stage's
+`feedback.factory` names a hook of FEEDBACK_HOOKS (default "closed_loop": eval.autoscale_feedback.ClosedLoopFeedback),
+called as hook(pool, **other feedback keys); any other name, a "module:attr" string included, is refused without
+importing anything.
 
 Usable on its own (`add_arguments` / `run`, or `python -m pipelines.curate_plan`) or inside `mose curate`
 (`register` adds --plan and --plan-pool to that parser; `run` is called when --plan is given).
@@ -17,17 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def closed_loop_feedback(pool, **kw):
-    """AutoScale's closed-loop evaluator (eval/autoscale_feedback.py): the fast pilot driven in highway-env."""
-    from eval.autoscale_feedback import ClosedLoopFeedback
-
-    return ClosedLoopFeedback(pool, **kw)
-
-
-# the feedback hooks a plan's (or --config's) `feedback.factory` may name
-FEEDBACK_HOOKS = {"closed_loop": closed_loop_feedback}
-DEFAULT_FEEDBACK = "closed_loop"
+from pipelines.curate_hooks import feedback_factory, pilot_factory
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -53,26 +43,6 @@ def parse_pools(items) -> dict[str, str]:
             raise ValueError(f"--plan-pool: expected NAME=DIR, got {it!r}")
         out[name] = path
     return out
-
-
-def pilot_factory(pool, params: dict, seed: int):
-    from pipelines.curate import make_pilot
-
-    return make_pilot(pool, params, seed, "plan pilot")
-
-
-def feedback_factory(spec: dict, pool, hooks: dict | None = None):
-    """The AutoScale evaluator: spec = {"factory": a name of `hooks` (default FEEDBACK_HOOKS), **keyword arguments}.
-
-    An unknown name (e.g. a "module:attr" string) raises PlanError listing the known names; nothing is imported."""
-    from curation.plan import PlanError
-
-    hooks = FEEDBACK_HOOKS if hooks is None else hooks
-    spec = dict(spec or {})
-    name = spec.pop("factory", DEFAULT_FEEDBACK)
-    if not isinstance(name, str) or name not in hooks:
-        raise PlanError(f"feedback.factory: unknown feedback hook {name!r}; expected one of {sorted(hooks)}")
-    return hooks[name](pool, **spec)
 
 
 def run(args) -> int:

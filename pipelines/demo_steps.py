@@ -116,7 +116,7 @@ def curate(ctx) -> dict:
     import yaml
 
     from curation.plan import load_plan, run_plan
-    from pipelines.curate_plan import feedback_factory, pilot_factory
+    from pipelines.curate_hooks import feedback_factory, pilot_factory
 
     stages = {}
     for name, st in ctx.cfg["curate"]["stages"].items():

@@ -88,7 +88,7 @@ def test_feedback_factory_names_only_known_hooks(monkeypatch):
     import os
 
     from curation.plan import PlanError
-    from pipelines.curate_plan import DEFAULT_FEEDBACK, FEEDBACK_HOOKS, feedback_factory
+    from pipelines.curate_hooks import DEFAULT_FEEDBACK, FEEDBACK_HOOKS, feedback_factory
 
     def spy(*a, **k):
         raise AssertionError("the configuration ran code")

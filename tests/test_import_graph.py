@@ -254,7 +254,6 @@ def _report(cycles: list[str], violations: list[str]) -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.xfail(strict=False, reason="until the re-layout branches merge")
 def test_the_package_tree_follows_the_dependency_rule():
     cycles, violations, n_arrows = check(ROOT)
     assert n_arrows > 100, "the checker found almost no imports: it is not reading the tree"

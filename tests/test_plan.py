@@ -105,7 +105,7 @@ def test_autoscale_stage_with_fake_feedback(pool_dir, tmp_path):
                              "params": {"n_clusters": 2, "rae_epochs": 2, "max_rounds": 3, "step_size": 1.0},
                              "feedback": {"factory": "fake", "target": 0.0},
                              "skills": {"min": {"traffic_cones": 2}}}}
-    from pipelines.curate_plan import feedback_factory
+    from pipelines.curate_hooks import feedback_factory
     from tests.semantic_autoscale_fixtures import FakeRatioFeedback
 
     def fake_hooks(spec, pool):
@@ -123,7 +123,7 @@ def test_feedback_factory_module_attr_is_refused(pool_dir, tmp_path, monkeypatch
     """A plan's feedback.factory names a known hook; "module:attr" is neither imported nor called."""
     import os
 
-    from pipelines.curate_plan import feedback_factory
+    from pipelines.curate_hooks import feedback_factory
 
     real, calls = os.getcwd, []
 
