@@ -247,7 +247,8 @@ def test_typed_api_writes_what_the_command_writes(root, tmp_path, capsys):
 
     # a judge that is down: exit code 1 and the command's message, offline metrics still written
     capsys.readouterr()
-    down = evaluate(CodaEvalOptions(out=tmp_path / "down", judge_url=free_port_url(), judge_workers=1, **typed))
+    with free_port_url() as url:
+        down = evaluate(CodaEvalOptions(out=tmp_path / "down", judge_url=url, judge_workers=1, **typed))
     assert down.judge_endpoint_down and down.exit_code == 1 and "looks down" in capsys.readouterr().err
     assert down.scores["offline"]["general"]["bleu4"] is not None and _scores(tmp_path / "down") == down.scores
 
