@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from mose.skill_data import IGNORE
-from mose.skills import Taxonomy, load_taxonomy
+from mose.skills import Taxonomy
 
 TRAINABLE = ("router", "moe", "all")
 
@@ -76,9 +76,9 @@ def _move(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate_routing(model, dataset, collator, taxonomy: Taxonomy | None = None, *, batch_size: int = 8) -> RoutingMetrics:
+def evaluate_routing(model, dataset, collator, taxonomy: Taxonomy, *, batch_size: int = 8) -> RoutingMetrics:
     """Routing accuracy (coarse / fine, per layer and per skill), per-skill usage, balance and LM loss."""
-    tax = load_taxonomy(taxonomy)
+    tax = taxonomy
     groups = _groups(model, tax)
     coarse_of = torch.tensor([tax.id(tax.root_of(n)) for n in tax.names])
     is_fine = torch.tensor([tax.parent(n) is not None for n in tax.names])
@@ -209,7 +209,7 @@ def pretrain_router(model, dataset, collator, *, steps: int, lr: float = 1e-3, b
     return history
 
 
-def usage_heatmap(metrics: RoutingMetrics, taxonomy: Taxonomy | None, skill_groups: dict, path, title: str | None = None):
+def usage_heatmap(metrics: RoutingMetrics, taxonomy: Taxonomy, skill_groups: dict, path, title: str | None = None):
     """PNG: skills (rows, those with tokens) x experts, cell = share of the skill's choices; its group outlined."""
     import matplotlib
 
@@ -217,7 +217,7 @@ def usage_heatmap(metrics: RoutingMetrics, taxonomy: Taxonomy | None, skill_grou
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    tax = load_taxonomy(taxonomy)
+    tax = taxonomy
     rows = [i for i in range(len(tax)) if metrics.usage[i].sum() > 0]
     data = metrics.usage[rows]
     fig, ax = plt.subplots(figsize=(1.2 + 0.45 * data.shape[1], 0.9 + 0.33 * len(rows)))
