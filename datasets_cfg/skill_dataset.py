@@ -90,7 +90,10 @@ def taxonomy_content(tax: Taxonomy) -> dict:
 
 
 def pool_rows_sha256(pool) -> str:
-    """A hash of the pool's rows (every column, in row order), read as Arrow (no Python row is built)."""
+    """A hash of the pool's rows (every column, in row order), of their Arrow buffers (no Python row is built).
+
+    The same pool read the same way hashes the same; equal rows laid out differently in Arrow (e.g. built in
+    memory vs. loaded from disk) may not, which costs a rebuild, never the reuse of stale items."""
     ds = pool.dataset.with_format("arrow")
     h = hashlib.sha256(str(ds.features).encode())
     for start in range(0, len(ds), 256):  # batch by batch: the selection is never held whole
@@ -108,7 +111,7 @@ def item_inputs(pool, taxonomy: Taxonomy, *, ids: Sequence[str] | None = None, m
     ids = list(pool.ids if ids is None else ids)
     chosen = pool if ids == pool.ids else pool.select_ids(ids)
     return {
-        "pool": {"root": str(Path(pool.root).resolve()) if pool.root is not None else None, "scenes": len(pool),
+        "pool": {"root": str(Path(pool.root).resolve()) if pool.root is not None else None,
                  "selected_rows_sha256": pool_rows_sha256(chosen)},
         "scene_ids": {"count": len(ids), "sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()},
         "taxonomy": hashlib.sha256(json.dumps(taxonomy_content(taxonomy), sort_keys=True).encode()).hexdigest(),
