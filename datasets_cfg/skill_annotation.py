@@ -67,14 +67,14 @@ class AnnotationReport:
 # QA items and free text
 
 
-def qa_skills(qa: dict, taxonomy: Taxonomy | None = None, *, where: str = "qa", on_unknown: str = "raise",
+def qa_skills(qa: dict, taxonomy: Taxonomy, *, where: str = "qa", on_unknown: str = "raise",
               report: AnnotationReport | None = None) -> list[str]:
     """The most specific skills a QA item exercises (parents are implied), from structure, then text.
 
     Skills already present in `qa["skills"]` are resolved and kept; an unknown name raises UnknownSkillError
     naming `where` (on_unknown="raise") or is dropped and counted in `report` (on_unknown="count").
     """
-    tax = load_taxonomy(taxonomy)
+    tax = taxonomy
     rep = report if report is not None else AnnotationReport()
     given = []
     for name in qa.get("skills") or []:
@@ -126,13 +126,13 @@ def _root_named(tax: Taxonomy, name: str) -> str | None:
     return name if name in tax.roots else None
 
 
-def segment_text(text: str, taxonomy: Taxonomy | None = None, *, default: str, within: str | None = None) -> list[tuple[int, int, str]]:
+def segment_text(text: str, taxonomy: Taxonomy, *, default: str, within: str | None = None) -> list[tuple[int, int, str]]:
     """(start, end, skill) spans covering `text`: one per run of sentences about the same fine skill.
 
     Each sentence takes the leaf under `within` its keywords match best, else `default`. Whitespace after a
     sentence belongs to it; adjacent sentences with the same skill are merged.
     """
-    tax = load_taxonomy(taxonomy)
+    tax = taxonomy
     default = tax.resolve(default, "segment_text(default)")
     spans: list[tuple[int, int, str]] = []
     for m in _SENTENCE.finditer(text):
@@ -146,10 +146,10 @@ def segment_text(text: str, taxonomy: Taxonomy | None = None, *, default: str, w
     return spans
 
 
-def qa_spans(qa: dict, taxonomy: Taxonomy | None = None, skills: Sequence[str] | None = None) -> list[tuple[int, int, str]]:
+def qa_spans(qa: dict, taxonomy: Taxonomy, skills: Sequence[str] | None = None) -> list[tuple[int, int, str]]:
     """(start, end, skill) spans over the stripped answer of a QA item, using its skills (given or `qa_skills`):
     the whole answer for a single fine skill, else sentence by sentence inside the first skill's step."""
-    tax = load_taxonomy(taxonomy)
+    tax = taxonomy
     skills = list(skills if skills is not None else qa_skills(qa, tax, on_unknown="count"))
     answer = qa.get("answer", "").strip()
     if not skills or not answer:
@@ -160,7 +160,7 @@ def qa_spans(qa: dict, taxonomy: Taxonomy | None = None, skills: Sequence[str] |
     return segment_text(answer, tax, default=root, within=root)
 
 
-def qa_segments(qa: dict, taxonomy: Taxonomy | None = None, skills: Sequence[str] | None = None) -> list[Segment]:
+def qa_segments(qa: dict, taxonomy: Taxonomy, skills: Sequence[str] | None = None) -> list[Segment]:
     """The answer of a QA item as skill segments (text stripped), see `qa_spans`."""
     answer = qa.get("answer", "").strip()
     return [Segment(s, answer[a:b].strip()) for a, b, s in qa_spans(qa, taxonomy, skills) if answer[a:b].strip()]
@@ -192,7 +192,7 @@ def _track_future(row: dict, track: str, ci: int) -> tuple[np.ndarray, np.ndarra
     return ts, xy, np.asarray([a["heading"][i] for i in idx]), v
 
 
-def scene_segments(row: dict, taxonomy: Taxonomy | None = None) -> list[Segment]:
+def scene_segments(row: dict, taxonomy: Taxonomy) -> list[Segment]:
     """Templated segments from a row's structured fields (empty for a row without ego / agents / conditions).
 
     Perception: agents at the current frame per category (nearest three), the route's traffic light, weather,
@@ -202,7 +202,7 @@ def scene_segments(row: dict, taxonomy: Taxonomy | None = None) -> list[Segment]
     flags). Planning: the ego's speed change and lateral manoeuvre over the next 4 s, the route's red light and
     speed limit, and the 8-pose future trajectory.
     """
-    tax = load_taxonomy(taxonomy)
+    tax = taxonomy
     scene = Scene(row)
     out: list[Segment] = []
     have = lambda s: s in tax  # noqa: E731 - a taxonomy without a skill simply gets no text for it
@@ -397,7 +397,7 @@ def _lateral(fut: np.ndarray) -> str:
 # scenes and pools
 
 
-def hierarchical_segments(row: dict, taxonomy: Taxonomy | None = None, report: AnnotationReport | None = None,
+def hierarchical_segments(row: dict, taxonomy: Taxonomy, report: AnnotationReport | None = None,
                           on_unknown: str = "raise") -> list[Segment]:
     """The segments of a scene's step-by-step target: QA answers first, templated text for what QA lacks.
 
@@ -407,7 +407,7 @@ def hierarchical_segments(row: dict, taxonomy: Taxonomy | None = None, report: A
     QA did not cover; the trajectory comes from the ego's future, else from a trajectory QA. Segments are
     ordered by taxonomy id (stable).
     """
-    tax = load_taxonomy(taxonomy)
+    tax = taxonomy
     qa_segs: list[Segment] = []
     traj_qa = None
     has_objects = any(q["task"] == "general_object" or (q["task"] == "general" and q["category"]) for q in row["qa"])
@@ -429,18 +429,18 @@ def hierarchical_segments(row: dict, taxonomy: Taxonomy | None = None, report: A
     return sorted(segs, key=lambda s: tax.id(s.skill))
 
 
-def scene_skills(row: dict, taxonomy: Taxonomy | None = None, report: AnnotationReport | None = None, on_unknown: str = "raise") -> list[str]:
+def scene_skills(row: dict, taxonomy: Taxonomy, report: AnnotationReport | None = None, on_unknown: str = "raise") -> list[str]:
     """Every fine (or coarse, where no finer one applies) skill a scene exercises, in taxonomy order."""
-    tax = load_taxonomy(taxonomy)
+    tax = taxonomy
     found = {s.skill for s in hierarchical_segments(row, tax, report, on_unknown)}
     for j, q in enumerate(row["qa"]):
         found.update(qa_skills(q, tax, where=f"scene {row['id']} qa[{j}]", on_unknown=on_unknown))
     return [n for n in tax.names if n in found]
 
 
-def skill_vector(skills: Iterable[str], taxonomy: Taxonomy | None = None, with_parents: bool = True) -> np.ndarray:
+def skill_vector(skills: Iterable[str], taxonomy: Taxonomy, with_parents: bool = True) -> np.ndarray:
     """Multi-hot (len(taxonomy),) float32 vector of `skills` (and their ancestors) in taxonomy id order."""
-    tax = load_taxonomy(taxonomy)
+    tax = taxonomy
     v = np.zeros(len(tax), np.float32)
     for s in skills:
         s = tax.resolve(s)
@@ -451,10 +451,10 @@ def skill_vector(skills: Iterable[str], taxonomy: Taxonomy | None = None, with_p
     return v
 
 
-def annotate_pool(pool: ScenePool, taxonomy: Taxonomy | str | None = None, *, on_unknown: str = "raise",
+def annotate_pool(pool: ScenePool, taxonomy: Taxonomy, *, on_unknown: str = "raise",
                   num_proc: int | None = None) -> tuple[ScenePool, AnnotationReport]:
     """A new pool with `qa[].skills` and `skills` filled in (existing names resolved to canonical ones)."""
-    tax = load_taxonomy(taxonomy)
+    tax = taxonomy
     rep = AnnotationReport(scenes=len(pool))
 
     def annotate(row: dict) -> dict:
@@ -478,13 +478,13 @@ def annotate_pool(pool: ScenePool, taxonomy: Taxonomy | str | None = None, *, on
 # coverage
 
 
-def coverage_table(pool: ScenePool, taxonomy: Taxonomy | str | None = None, by: str = "source") -> list[dict]:
+def coverage_table(pool: ScenePool, taxonomy: Taxonomy, by: str = "source") -> list[dict]:
     """One row per skill: scenes exercising it (total, fraction, and per value of column `by`), QA items, segments.
 
     Uses `skills` / `qa[].skills` where filled in, else annotates on the fly (the pool is not changed). A
     scene or QA item counts for a skill's ancestors too.
     """
-    tax = load_taxonomy(taxonomy)
+    tax = taxonomy
     if by and by not in pool.dataset.column_names:
         raise KeyError(f"coverage_table(by={by!r}): no such column; columns: {pool.dataset.column_names}")
     groups = sorted(set(pool.dataset[by])) if by else []

@@ -23,16 +23,15 @@ from pathlib import Path
 from datasets_cfg.schema import Scene, ScenePool
 from datasets_cfg.skill_annotation import AnnotationReport, hierarchical_segments, qa_skills, qa_spans
 from mose.skill_format import NUM_POSES, POSE_INTERVAL_S, TRAJECTORY_SKILL, format_trajectory, parse_trajectory, render_target
-from mose.skills import Taxonomy, load_taxonomy
+from mose.skills import Taxonomy
 
 COMMAND_TEXT = {"left": "turn or change lanes to the left", "right": "turn or change lanes to the right",
                 "straight": "go straight", "unknown": "none given"}
 
 
-def hierarchical_prompt(row: dict, taxonomy: Taxonomy | None = None) -> str:
+def hierarchical_prompt(row: dict, taxonomy: Taxonomy) -> str:
     """The question of the step-by-step item (our wording): context the answer needs, and the format."""
-    tax = load_taxonomy(taxonomy)
-    steps = ", ".join(f"<{r}>" for r in tax.roots)
+    steps = ", ".join(f"<{r}>" for r in taxonomy.roots)
     ctx = [f"Driving command: {COMMAND_TEXT.get(row['command'], row['command'])}."]
     if row["ego"]["speed"]:
         ctx.append(f"Ego speed: {row['ego']['speed'][row['current_index']]:.1f} m/s.")
@@ -68,11 +67,11 @@ def _images(row: dict, root: Path | None, max_images: int) -> list[str]:
     return [str(p) for p in paths[:max_images]]
 
 
-def scene_items(row: dict, taxonomy: Taxonomy | None = None, *, root: str | Path | None = None, max_images: int = 1,
+def scene_items(row: dict, taxonomy: Taxonomy, *, root: str | Path | None = None, max_images: int = 1,
                 kinds: tuple[str, ...] = ("hierarchical", "single"), on_unknown: str = "count",
                 report: ItemReport | None = None) -> list[dict]:
     """The items of one scene (see the module doc). `on_unknown="raise"` turns an unknown skill into an error."""
-    tax = load_taxonomy(taxonomy)
+    tax = taxonomy
     rep = report if report is not None else ItemReport()
     images = _images(row, Path(root) if root else None, max_images)
     out = []
@@ -121,13 +120,13 @@ def _item(item_id, scene_id, kind, task, prompt, target, spans, images, box, tax
             "box": [float(b) for b in box], "skills": skills}
 
 
-def pool_items(pool: ScenePool, taxonomy: Taxonomy | str | None = None, *, max_images: int = 1,
+def pool_items(pool: ScenePool, taxonomy: Taxonomy, *, max_images: int = 1,
                kinds: tuple[str, ...] = ("hierarchical", "single"), on_unknown: str = "count", num_proc: int | None = None):
     """All items of a pool as a `datasets.Dataset` (built with `map` in memory: cheap, and always current), and an ItemReport.
 
     Skips travel through the map as rows of kind "skipped" (task = reason), counted and then filtered out.
     """
-    tax = load_taxonomy(taxonomy)
+    tax = taxonomy
     root = pool.root
 
     def explode(batch: dict) -> dict:

@@ -1,10 +1,10 @@
 """A MoSE (or any transformers VLM) checkpoint as a planner: the step-by-step prompt, greedy generation, and the
 trajectory read back from the answer with the skill-format parser.
 
-- `answer_to_poses(answer)`: the planning segment's 8 (x, y) poses -> (8, 3) poses (x, y, heading) in the ego
+- `answer_to_poses(answer, taxonomy)`: the planning segment's 8 (x, y) poses -> (8, 3) poses (x, y, heading) in the ego
   frame; headings come from the answer when it gives them, else from the direction between consecutive poses
   (the first from the origin). An answer without a complete 8-pose trajectory gives no poses and the reason.
-- `ModelPlanner`: `planner(scene) -> (8, 3) poses` for eval/closed_loop.py. The prompt is the training set's
+- `ModelPlanner(model_path, ..., taxonomy=tax)`: `planner(scene) -> (8, 3) poses` for eval/closed_loop.py. The prompt is the training set's
   hierarchical prompt (datasets_cfg/skill_items.py) for the observed scene. Its image is the scene's current frame
   when the observation has one; closed-loop observations carry none, so a top-down view is drawn from the
   observation's lanes and agents in the simulator's colours (`draw_topdown`, an approximation of the highway-env
@@ -26,6 +26,7 @@ import numpy as np
 
 from common.constants import REAR_AXLE_TO_CENTER
 from mose.skill_format import NUM_POSES, parse_answer
+from mose.skills import Taxonomy
 
 VIEW_METERS = 75.0  # the simulator render's field of view (datasets_cfg/sim/render.py)
 ROAD, LINE, EGO, OTHER = (100, 100, 100), (255, 255, 255), (50, 200, 0), (100, 200, 255)
@@ -43,7 +44,7 @@ def headings_from_xy(xy: np.ndarray, min_step: float = 0.05) -> np.ndarray:
     return out
 
 
-def answer_to_poses(answer: str, taxonomy=None, num_poses: int = NUM_POSES) -> tuple[np.ndarray | None, dict]:
+def answer_to_poses(answer: str, taxonomy: Taxonomy, num_poses: int = NUM_POSES) -> tuple[np.ndarray | None, dict]:
     """(poses or None, info): info has "format_ok" (no parser error at all), "trajectory_points", "errors", "reason"."""
     parsed = parse_answer(answer, taxonomy, num_poses)
     n = 0 if parsed.trajectory is None else len(parsed.trajectory)
@@ -93,7 +94,7 @@ class ModelPlanner:
     """`planner(scene) -> (8, 3)` poses from a checkpoint's generated step-by-step answer (module doc)."""
 
     def __init__(self, model_path: str | Path, max_new_tokens: int = 448, image_size: int = 64, replan_every: int = 1,
-                 interval: float = 0.5, taxonomy=None):
+                 interval: float = 0.5, *, taxonomy: Taxonomy):
         if replan_every < 1:
             raise ValueError(f"ModelPlanner: replan_every must be >= 1, got {replan_every}")
         self.model_path = str(model_path)
@@ -150,7 +151,7 @@ class ModelPlanner:
         else:
             image, drawn = str(Path(self._tmp.name) / "frame.png"), True
             draw_topdown(scene, self.image_size).save(image)
-        answer = self.generator_.answer([{"question": hierarchical_prompt(scene.row), "image": image}])[0]
+        answer = self.generator_.answer([{"question": hierarchical_prompt(scene.row, self.taxonomy), "image": image}])[0]
         poses, info = answer_to_poses(answer, self.taxonomy)
         self.decisions_.append({"scene": scene.id, "image": "drawn" if drawn else image, "answer": answer, **info, "followed_last_plan": False})
         meta = scene.meta

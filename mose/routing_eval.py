@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from mose.moe import skill_group_matrix
 from mose.skill_data import IGNORE
-from mose.skills import Taxonomy, load_taxonomy
+from mose.skills import Taxonomy
 
 
 @dataclass
@@ -64,9 +64,9 @@ def batch_to(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate_routing(model, dataset, collator, taxonomy: Taxonomy | None = None, *, batch_size: int = 8) -> RoutingMetrics:
+def evaluate_routing(model, dataset, collator, taxonomy: Taxonomy, *, batch_size: int = 8) -> RoutingMetrics:
     """Routing accuracy (coarse / fine, per layer and per skill), per-skill usage, balance and LM loss."""
-    tax = load_taxonomy(taxonomy)
+    tax = taxonomy
     groups = _groups(model, tax)
     coarse_of = torch.tensor([tax.id(tax.root_of(n)) for n in tax.names])
     is_fine = torch.tensor([tax.parent(n) is not None for n in tax.names])
@@ -128,7 +128,7 @@ def evaluate_routing(model, dataset, collator, taxonomy: Taxonomy | None = None,
     )
 
 
-def usage_heatmap(metrics: RoutingMetrics, taxonomy: Taxonomy | None, skill_groups: dict, path, title: str | None = None):
+def usage_heatmap(metrics: RoutingMetrics, taxonomy: Taxonomy, skill_groups: dict, path, title: str | None = None):
     """PNG: skills (rows, those with tokens) x experts, cell = share of the skill's choices; its group outlined."""
     import matplotlib
 
@@ -138,7 +138,7 @@ def usage_heatmap(metrics: RoutingMetrics, taxonomy: Taxonomy | None, skill_grou
 
     from common.atomic import save_figure
 
-    tax = load_taxonomy(taxonomy)
+    tax = taxonomy
     rows = [i for i in range(len(tax)) if metrics.usage[i].sum() > 0]
     data = metrics.usage[rows]
     fig, ax = plt.subplots(figsize=(1.2 + 0.45 * data.shape[1], 0.9 + 0.33 * len(rows)))

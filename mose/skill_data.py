@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from common.errors import MoseError
-from mose.skills import Taxonomy, UnknownSkillError, load_taxonomy
+from mose.skills import Taxonomy, UnknownSkillError
 
 IGNORE = -100
 
@@ -124,10 +124,10 @@ def _end_of_turn(tok, suffix: str) -> int:
     return i + n
 
 
-def encode_item(item: Mapping[str, Any], processor, taxonomy: Taxonomy | None = None, *, max_length: int | None = None,
+def encode_item(item: Mapping[str, Any], processor, taxonomy: Taxonomy, *, max_length: int | None = None,
                 image_tokens: ImageTokenCounter | None = None) -> dict:
     """Tokens, labels and skill labels of one item (see the module doc). Raises SkillDataError naming the item."""
-    tax = load_taxonomy(taxonomy)
+    tax = taxonomy
     tok = tokenizer_of(processor)
     ident = item.get("item_id", "?")
     prompt, target, spans = item["prompt"], item["target"], item["spans"]
@@ -211,7 +211,7 @@ class SkillDataReport:
                 "skipped_examples": self.skipped_examples, "tokens_per_skill": self.tokens_per_skill}
 
 
-def build_skill_dataset(items, processor, taxonomy: Taxonomy | str | None = None, *, max_length: int | None = None,
+def build_skill_dataset(items, processor, taxonomy: Taxonomy, *, max_length: int | None = None,
                         num_proc: int | None = None, cache_dir: str | os.PathLike | None = None, strict: bool = False):
     """Tokenise items with `datasets.map` -> (Dataset, SkillDataReport). Bad items are skipped and counted.
 
@@ -221,7 +221,7 @@ def build_skill_dataset(items, processor, taxonomy: Taxonomy | str | None = None
     """
     from datasets import Dataset
 
-    tax = load_taxonomy(taxonomy)
+    tax = taxonomy
     ds = items if isinstance(items, Dataset) else Dataset.from_list(list(items))
     cache = {"keep_in_memory": True}
     if cache_dir is not None:

@@ -37,7 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mose.skills import Taxonomy, load_taxonomy
+from mose.skills import Taxonomy
 
 TRAJECTORY_SKILL = "trajectory"
 NUM_POSES = 8
@@ -71,13 +71,13 @@ def format_trajectory(xy: Sequence[Sequence[float]]) -> str:
     return "[" + ", ".join(f"({float(p[0]):.2f}, {float(p[1]):.2f})" for p in xy) + "]"
 
 
-def render_target(segments: Sequence[Segment], taxonomy: Taxonomy | None = None) -> tuple[str, list[Span]]:
+def render_target(segments: Sequence[Segment], taxonomy: Taxonomy) -> tuple[str, list[Span]]:
     """The tagged answer for `segments` and the spans covering every character of it.
 
     Segments are grouped under their root in taxonomy order, keeping their order within a root. Newlines
     inside a segment's text are replaced by spaces (one fine skill per line is what the parser reads).
     """
-    tax = load_taxonomy(taxonomy)
+    tax = taxonomy
     by_root: dict[str, list[Segment]] = {r: [] for r in tax.roots}
     for seg in segments:
         skill = tax.resolve(seg.skill, "render_target")
@@ -129,14 +129,14 @@ class ParsedAnswer:
         return self.trajectory is not None and len(self.trajectory) == NUM_POSES
 
 
-def parse_answer(answer, taxonomy: Taxonomy | None = None, num_poses: int = NUM_POSES) -> ParsedAnswer:
+def parse_answer(answer, taxonomy: Taxonomy, num_poses: int = NUM_POSES) -> ParsedAnswer:
     """Read a generated answer back into segments, sections and a trajectory. Never raises on model output.
 
     Tolerated and reported in `errors`: text outside any section, a missing or unexpected closing tag, an
     unknown tag or skill, a fine skill under the wrong step, a missing step, a missing, truncated or
     over-long trajectory, and numbers that do not parse or are not finite.
     """
-    tax = load_taxonomy(taxonomy)
+    tax = taxonomy
     out = ParsedAnswer()
     if not isinstance(answer, str):
         out.errors.append(f"answer is a {type(answer).__name__}, not a string")

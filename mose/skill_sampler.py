@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from mose.skills import Taxonomy, load_taxonomy
+from mose.skills import Taxonomy
 
 
 def item_skill_matrix(skill_counts: Sequence[Sequence[int]], taxonomy: Taxonomy, level: str = "coarse") -> tuple[np.ndarray, list[str]]:
@@ -42,12 +42,12 @@ class SkillBalancedSampler(Sampler[int]):
     Fitted state: `weights_` (N,), `target_` and `expected_` (skill -> share), `kl_` = KL(target || expected).
     """
 
-    def __init__(self, skill_counts, taxonomy: Taxonomy | None = None, target: Mapping[str, float] | None = None, *,
+    def __init__(self, skill_counts, taxonomy: Taxonomy, target: Mapping[str, float] | None = None, *,
                  level: str = "coarse", unit: str = "tokens", num_samples: int | None = None, max_iter: int = 2000,
                  tol: float = 1e-10, random_state: int = 0):
         if hasattr(skill_counts, "column_names"):
             skill_counts = skill_counts["skill_counts"]
-        self.taxonomy = load_taxonomy(taxonomy)
+        self.taxonomy = taxonomy
         self.level, self.unit, self.random_state = level, unit, random_state
         if unit not in ("tokens", "items"):
             raise ValueError(f"unit must be 'tokens' or 'items', got {unit!r}")

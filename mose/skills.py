@@ -11,6 +11,11 @@ a child gets `num_experts` consecutive experts of its parent's group, siblings s
 `Taxonomy.config_kwargs(E)` the MoSEConfig arguments built from it.
 
 The text fallback (`classify_text`) labels free text with the skills whose keyword patterns it matches.
+
+The taxonomy is loaded once, at an entry point (`mose skills`, `run_training` from `data.taxonomy`, the demo), with
+`load_taxonomy(path or None)` (None: the packaged YAML); every function below them takes the `Taxonomy` object and
+never re-reads the YAML.
+
 This module imports nothing from curation, training or eval (nor torch).
 """
 from __future__ import annotations

@@ -37,7 +37,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from common.errors import MoseError
 
@@ -135,7 +135,8 @@ def read_marker(step_dir: Path) -> dict | None:
 
 @dataclass
 class StepContext:
-    """What a step function gets: its folder (write here), the run folder, its config and the progress flag."""
+    """What a step function gets: its folder (write here), the run folder, its config, the progress flag and the skill
+    taxonomy (loaded once by `run_demo`: the packaged datasets_cfg/skills.yaml)."""
 
     step: Step
     dir: Path
@@ -143,6 +144,7 @@ class StepContext:
     cfg: dict
     progress: bool = True
     log: Callable[[str], None] = print
+    taxonomy: Any = None  # mose.skills.Taxonomy
 
     def step_dir(self, name: str) -> Path:
         return self.run_dir / name
@@ -209,6 +211,9 @@ def run_demo(out: str | os.PathLike, cfg: dict, *, progress: bool = True, force_
     run_dir.mkdir(parents=True, exist_ok=True)
     if force_from is not None and force_from not in STEP_NAMES:
         raise ValueError(f"--from: expected one of {', '.join(STEP_NAMES)}, got {force_from!r}")
+    from mose.skills import load_taxonomy
+
+    taxonomy = load_taxonomy()  # once, for every step
     hashes: dict[str, str] = {}
     markers: dict[str, dict] = {}
     reused, ran = [], []
@@ -227,7 +232,7 @@ def run_demo(out: str | os.PathLike, cfg: dict, *, progress: bool = True, force_
             continue
         why = "forced" if forced and old is not None and old["hash"] == h else "configuration or inputs changed" if old else "not run yet"
         log(f"[{i}/{n}] {step.name}: {step.title} ({why})")
-        ctx = StepContext(step, d, run_dir, cfg, progress, log)
+        ctx = StepContext(step, d, run_dir, cfg, progress, log, taxonomy)
         try:
             marker = run_step(step, ctx, h, hashes)
         except KeyboardInterrupt:

@@ -2,7 +2,10 @@
 
 Each function takes a `StepContext` (its folder `ctx.dir`, the run folder, the demo config), calls the package's
 own APIs, writes its outputs into `ctx.dir` and returns a JSON-able summary (written as `summary.json`). Paths kept in
-summaries are relative to the run folder, so a run folder can be moved and still be reused.
+summaries are relative to the run folder, so a run folder can be moved and still be reused. The skill taxonomy is
+`ctx.taxonomy` (loaded once by the demo). The skills step writes the training pool's hierarchical skill dataset as
+`skills/items.jsonl` + `skills/items.header.json` (the format of datasets_cfg/skill_dataset.py, the one training keeps
+per stage in `train/skill_items/<stage>.jsonl`).
 """
 from __future__ import annotations
 
@@ -65,13 +68,13 @@ def _logs(pool_dir: Path) -> set[str]:
 def skills(ctx) -> dict:
     from datasets_cfg.schema import ScenePool
     from datasets_cfg.skill_annotation import annotate_pool, coverage_heatmap, coverage_table, write_coverage
+    from datasets_cfg.skill_dataset import item_inputs, write_skill_dataset
     from datasets_cfg.skill_items import pool_items
     from mose.presets import preset_config
     from mose.skill_data import build_skill_dataset
     from mose.skill_tokenizer import llava_processor_for, train_chat_tokenizer
-    from mose.skills import load_taxonomy
 
-    tax = load_taxonomy()
+    tax = ctx.taxonomy
     out: dict = {"taxonomy": {"skills": len(tax), "roots": tax.roots, "leaves": tax.leaves}}
     tables = {}
     for name in ("train", "heldout"):
@@ -92,9 +95,9 @@ def skills(ctx) -> dict:
     coverage_heatmap(tables["train"], ctx.dir / "coverage_train.png", "training pool: scenes per skill")
 
     # the hierarchical skill dataset of the training pool, and the tokenizer trained on its text (offline)
-    items, item_rep = pool_items(ScenePool.load(ctx.dir / "train"), tax)
-    write_jsonl(ctx.dir / "items.jsonl", ({k: it[k] for k in ("item_id", "scene_id", "kind", "task", "prompt", "target", "spans", "skills")}
-                                          for it in items))
+    train_pool = ScenePool.load(ctx.dir / "train")
+    items, item_rep = pool_items(train_pool, tax)
+    write_skill_dataset(ctx.dir / "items.jsonl", items, item_inputs(train_pool, tax), item_rep.as_dict())  # datasets_cfg/skill_dataset.py
     config = preset_config("tiny")
     texts = list(items["prompt"]) + list(items["target"])
     tokenizer = train_chat_tokenizer(texts, config.get_text_config().vocab_size)
@@ -103,6 +106,7 @@ def skills(ctx) -> dict:
     ds, data_rep = build_skill_dataset(items, processor, tax, max_length=int(ctx.cfg["skills"]["max_length"]))
     out["items"] = item_rep.as_dict() | {"count": len(items)}
     out["tokenised"] = data_rep.as_dict()
+    out["items_file"] = _rel(ctx, ctx.dir / "items.jsonl")
     out["processor"] = _rel(ctx, ctx.dir / "processor")
     out["vocab_size"] = len(tokenizer)
     return out
@@ -190,7 +194,7 @@ def train(ctx) -> dict:
     return _train_summary(ctx, result) | {"model": "MoSE tiny preset (random init): 4 experts, top-2, every other layer"}
 
 
-def dense_init(processor_dir: Path, out: Path, seed: int) -> Path:
+def dense_init(processor_dir: Path, out: Path, seed: int, tax) -> Path:
     """The tiny preset's backbone with ONE expert per MoE layer: top-1 of 1 with weight 1 is exactly a dense SwiGLU FFN.
     The vocabulary and image token follow the run's tokenizer (as training/model_setup.py does for the preset). Every
     skill maps to that one expert (the trainer passes skill labels; with one expert they route nowhere else)."""
@@ -199,7 +203,6 @@ def dense_init(processor_dir: Path, out: Path, seed: int) -> Path:
     from mose.config import MoSEConfig
     from mose.modeling import MoSEForConditionalGeneration
     from mose.presets import PRESETS, base_config
-    from mose.skills import load_taxonomy
     from training.model_setup import load_processor
 
     processor = load_processor(processor_dir)
@@ -208,7 +211,6 @@ def dense_init(processor_dir: Path, out: Path, seed: int) -> Path:
     base.text_config.vocab_size = len(tok)
     base.image_token_index = tok.convert_tokens_to_ids(processor.image_token)
     base.text_config.pad_token_id, base.text_config.bos_token_id, base.text_config.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
-    tax = load_taxonomy()
     torch.manual_seed(seed)
     model = MoSEForConditionalGeneration(MoSEConfig(
         base_config=base, num_experts=1, top_k=1, moe_layers=PRESETS["tiny"].moe_options["moe_layers"],
@@ -221,7 +223,7 @@ def dense_init(processor_dir: Path, out: Path, seed: int) -> Path:
 def train_dense(ctx) -> dict:
     from training.runner import run_training
 
-    init = dense_init(ctx.step_dir("skills") / "processor", ctx.dir / "init", int(ctx.cfg["seed"]))
+    init = dense_init(ctx.step_dir("skills") / "processor", ctx.dir / "init", int(ctx.cfg["seed"]), ctx.taxonomy)
     extra = {"model.preset": None, "model.path": str(init)}
     for stage in STAGES:  # no router: no balance, z or skill loss
         extra[f"stages.{stage}.losses"] = {"lm": 1.0, "balance": 0.0, "z": 0.0, "skill": 0.0}
@@ -294,13 +296,13 @@ def plan_eval(ctx, model_dir: Path, scenes, out: Path) -> dict:
         image = s.image_paths(frame=s.current_index) or s.image_paths()[-1:]  # as the training items pick it
         if not image:
             raise ValueError(f"held-out scene {s.id}: field 'images': expected an image of the current frame, got none")
-        records.append({"question_id": s.id, "task": "planning", "question": hierarchical_prompt(s.row), "image": str(image[0])})
+        records.append({"question_id": s.id, "task": "planning", "question": hierarchical_prompt(s.row, ctx.taxonomy), "image": str(image[0])})
     Generator(str(model_dir), batch_size=int(e["batch_size"]), max_new_tokens=int(e["plan_max_new_tokens"])).run(
         records, out / "answers.jsonl", progress=ctx.progress)
     answers = {k: v["answer"] for k, v in read_predictions_log(out / "answers.jsonl").items()}
     trajectories, reasons, parsed = {}, {}, []
     for s in scenes:
-        poses, info = answer_to_poses(answers.get(s.id, ""))
+        poses, info = answer_to_poses(answers.get(s.id, ""), ctx.taxonomy)
         parsed.append({"scene": s.id, **info})
         if poses is None:
             reasons[s.id] = info["reason"]
@@ -322,10 +324,9 @@ def routing_eval(ctx, model_dir: Path, out: Path) -> dict:
     from mose.modeling import MoSEForConditionalGeneration
     from mose.routing_eval import evaluate_routing, usage_heatmap
     from mose.skill_data import SkillCollator, build_skill_dataset
-    from mose.skills import load_taxonomy
     from training.model_setup import load_processor
 
-    tax = load_taxonomy()
+    tax = ctx.taxonomy
     processor = load_processor(model_dir)
     items, _ = pool_items(ScenePool.load(ctx.step_dir("skills") / "heldout"), tax, kinds=("hierarchical",))
     ds, rep = build_skill_dataset(items, processor, tax, max_length=int(ctx.cfg["skills"]["max_length"]))
@@ -380,7 +381,8 @@ def closed_loop(ctx) -> dict:
 
     c = ctx.cfg["closed_loop"]
     image_size = int(ctx.cfg["simulate"]["image_size"])
-    planners = {m: ModelPlanner(final_model(ctx.run_dir, m), int(c["max_new_tokens"]), image_size, int(c["replan_every"])) for m in MODELS}
+    planners = {m: ModelPlanner(final_model(ctx.run_dir, m), int(c["max_new_tokens"]), image_size, int(c["replan_every"]), taxonomy=ctx.taxonomy)
+                for m in MODELS}
     refs = {"pdm_closed": pdm_closed_planner, "constant_velocity": constant_velocity_planner}
     for r in c["references"]:
         if r not in refs:

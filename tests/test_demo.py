@@ -296,11 +296,13 @@ def test_config_errors_name_file_and_key(tmp_path):
 def test_answer_to_poses_reads_the_planning_segment():
     from eval.vlm_planner import answer_to_poses, headings_from_xy
     from mose.skill_format import Segment, format_trajectory, render_target
+    from mose.skills import Taxonomy
 
+    tax = Taxonomy.load()
     xy = np.array([[2.0, 0.0], [4.0, 0.0], [6.0, 1.0], [8.0, 2.0], [10.0, 2.0], [12.0, 2.0], [14.0, 2.0], [16.0, 2.0]])
     text, _ = render_target([Segment("vehicles", "1 vehicle ahead."), Segment("agent_intent", "It keeps its speed."),
-                             Segment("longitudinal_control", "Keep 4 m/s."), Segment("trajectory", format_trajectory(xy))])
-    poses, info = answer_to_poses(text)
+                             Segment("longitudinal_control", "Keep 4 m/s."), Segment("trajectory", format_trajectory(xy))], tax)
+    poses, info = answer_to_poses(text, tax)
     assert info["format_ok"] and info["trajectory_points"] == 8
     np.testing.assert_allclose(poses[:, :2], xy)
     # heading of each step's direction, by hand: 0, 0, atan2(1, 2), atan2(1, 2), 0, ...
@@ -308,9 +310,9 @@ def test_answer_to_poses_reads_the_planning_segment():
     np.testing.assert_allclose(poses[:, 2], expect, atol=1e-12)
     np.testing.assert_allclose(headings_from_xy([[0.0, 0.01], [0.0, 3.0]]), [0.0, math.pi / 2])  # a tiny step keeps the heading
     # truncated or missing trajectories: no poses, a reason
-    poses, info = answer_to_poses(text.split("[trajectory]")[0] + "[trajectory] [(2.00, 0.00), (4.00")
+    poses, info = answer_to_poses(text.split("[trajectory]")[0] + "[trajectory] [(2.00, 0.00), (4.00", tax)
     assert poses is None and info["reason"].startswith("unparseable model output") and info["trajectory_points"] == 1
-    poses, info = answer_to_poses("........")
+    poses, info = answer_to_poses("........", tax)
     assert poses is None and "no trajectory" in info["reason"]
 
 
@@ -332,12 +334,13 @@ def test_topdown_drawing_places_ego_and_agents():
 def test_model_planner_follows_its_last_plan_between_replans():
     from datasets_cfg.schema import Scene, new_row
     from eval.vlm_planner import ModelPlanner
+    from mose.skills import Taxonomy
 
     def obs(x, t):
         ego = {"t": [0.0], "x": [x], "y": [0.0], "heading": [0.0], "speed": [4.0], "accel": [0.0], "accel_lat": [0.0], "yaw_rate": [0.0]}
         return Scene(new_row(f"s{t}", "sim", "t", ego=ego, meta=json.dumps({"log_name": "ep", "timestamp_s": t})))
 
-    planner = ModelPlanner("unused", replan_every=2)  # no model call happens within a replanning period
+    planner = ModelPlanner("unused", replan_every=2, taxonomy=Taxonomy.load())  # no model call happens within a replanning period
     plan = np.column_stack([2.0 * np.arange(1, 9), np.zeros(8), np.zeros(8)])  # 2 m per 0.5 s straight ahead
     planner._last = ("ep", 0.0, np.array([0.0, 0.0, 0.0]), plan, "")
     poses = planner(obs(2.0, 0.5))  # one step later the ego is at x = 2: the rest of the plan, then the last step again

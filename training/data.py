@@ -2,13 +2,22 @@
 
     manifest (<data.manifests>/<stage>.jsonl, curation.selection.Selection)
       -> pool.select_ids(ids)                          datasets_cfg/schema.py
-      -> pool_items(..., kinds)                        datasets_cfg/skill_items.py (hierarchical / single QA items)
+      -> pool_items(..., kinds)                        datasets_cfg/skill_items.py (hierarchical / single QA items),
+         kept in <run.output_dir>/skill_items/<stage>.jsonl  datasets_cfg/skill_dataset.py (+ <stage>.header.json)
       -> keep items whose skills lie under `roots`, single items of `tasks`
       -> build_skill_dataset(items, processor)         mose/skill_data.py (labels, per-token skill labels)
 
 Every check runs for every stage before any training starts (`prepare_stage_data`): a missing or corrupt manifest, a
 manifest naming ids that are not in the pool, a manifest with no rows, a stage left with no item: `ConfigError`
 naming the config file, the key and the reason.
+
+The stage's items are a file a person can open (datasets_cfg/skill_dataset.py): `<run.output_dir>/skill_items/
+<stage>.jsonl` with its header `<stage>.header.json` (beside the run's processor/ and cache/, outside the stage's own
+folder, which only training writes). When the file's fingerprint equals that of the current inputs (the pool's
+selected rows and root, the manifest's ids, the taxonomy's content, max_images / kinds, the item builder's code) the
+items are read from it; else (missing, stale, unreadable) they are built and the file written.
+The stage's report says which: `report["skill_items"]["status"]` is "reused", "built" or "rebuilt" (with "why"),
+and the runner logs it. The roots / tasks filter runs after, on the file's items (changing it needs no rebuild).
 """
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Sampler
 
+from mose.skills import Taxonomy
 from training.config import ConfigError, StageConfig, TrainConfig
 
 
@@ -59,12 +69,34 @@ def read_manifest(cfg: TrainConfig, stage: str, pool_ids: set[str], pool_path: s
     return path, list(sel.ids)
 
 
-def stage_items(pool, ids: list[str], st: StageConfig, taxonomy, max_images: int):
-    """Skill-dataset items of the stage's scenes, filtered by the stage's kinds / roots / tasks. -> (Dataset, report)."""
+def items_path(cfg: TrainConfig, stage: str) -> Path:
+    """Where the stage's skill dataset is kept: `<run.output_dir>/skill_items/<stage>.jsonl`."""
+    return Path(cfg.run.output_dir) / "skill_items" / f"{stage}.jsonl"
+
+
+def stage_items(pool, ids: list[str], st: StageConfig, taxonomy: Taxonomy, max_images: int, path: str | Path | None = None):
+    """Skill-dataset items of the stage's scenes, filtered by the stage's kinds / roots / tasks. -> (Dataset, report).
+
+    With `path`: the items are read from that skill-dataset file when its fingerprint matches, else built and
+    written there (`report["skill_items"]` says which); without it they are built in memory."""
+    from datasets_cfg.skill_dataset import cached_skill_items, item_inputs, items_dataset
     from datasets_cfg.skill_items import pool_items
 
-    items, rep = pool_items(pool.select_ids(ids), taxonomy, max_images=max_images, kinds=tuple(st.items.kinds))
-    report = {"items_built": len(items), "items": rep.as_dict()}
+    kinds = tuple(st.items.kinds)
+
+    def build():
+        built, rep = pool_items(pool.select_ids(ids), taxonomy, max_images=max_images, kinds=kinds)
+        return built, rep.as_dict()
+
+    if path is None:
+        built, rep = build()
+        items, status = items_dataset(built), None
+    else:
+        rows, rep, status = cached_skill_items(path, item_inputs(pool, taxonomy, ids=ids, max_images=max_images, kinds=kinds), build)
+        items = items_dataset(rows)
+    report = {"items_built": len(items), "items": rep}
+    if status is not None:
+        report["skill_items"] = status
     roots, tasks = st.items.roots, st.items.tasks
     if roots is not None or tasks is not None:
         allowed = set(roots or [])
@@ -81,8 +113,9 @@ def stage_items(pool, ids: list[str], st: StageConfig, taxonomy, max_images: int
     return items, report
 
 
-def collect_stage_items(cfg: TrainConfig, taxonomy) -> dict[str, StageTrainingData]:
-    """Read and check every configured stage's manifest and build its (untokenised) items. Raises ConfigError."""
+def collect_stage_items(cfg: TrainConfig, taxonomy: Taxonomy, *, log=None) -> dict[str, StageTrainingData]:
+    """Read and check every configured stage's manifest and build (or reuse, see the module doc) its untokenised
+    items; `log(msg)` is told per stage whether its skill-dataset file was reused or built. Raises ConfigError."""
     from datasets_cfg.schema import SchemaError, ScenePool
 
     try:
@@ -94,15 +127,20 @@ def collect_stage_items(cfg: TrainConfig, taxonomy) -> dict[str, StageTrainingDa
     for stage in cfg.stage_names():
         st = cfg.stages[stage]
         path, ids = read_manifest(cfg, stage, pool_ids, cfg.data.pool)
-        items, report = stage_items(pool, ids, st, taxonomy, cfg.data.max_images)
+        items, report = stage_items(pool, ids, st, taxonomy, cfg.data.max_images, items_path(cfg, stage))
         report["scenes"] = len(ids)
+        if log is not None:
+            si = report["skill_items"]
+            why = f"; {si['why']}" if si["why"] else ""
+            log(f"[{stage}] skill items: {si['status']} {si['file']} ({report['items_built']} items){why}")
         if len(items) == 0:
             _empty(cfg, stage, path, report)
         out[stage] = StageTrainingData(stage, path, ids, items, report)
     return out
 
 
-def tokenise_stages(cfg: TrainConfig, stages: dict[str, StageTrainingData], processor, taxonomy, *, cache_dir: str | Path | None = None) -> None:
+def tokenise_stages(cfg: TrainConfig, stages: dict[str, StageTrainingData], processor, taxonomy: Taxonomy, *,
+                    cache_dir: str | Path | None = None) -> None:
     """Replace each stage's items by the tokenised skill dataset (labels, skill labels). Raises ConfigError if none is left."""
     from mose.skill_data import build_skill_dataset
 
@@ -123,7 +161,7 @@ def _empty(cfg: TrainConfig, stage: str, path: Path, report: dict):
                       f"{st.items.tasks}), none usable; {why}")
 
 
-def prepare_stage_data(cfg: TrainConfig, processor, taxonomy, *, cache_dir: str | Path | None = None) -> dict[str, StageTrainingData]:
+def prepare_stage_data(cfg: TrainConfig, processor, taxonomy: Taxonomy, *, cache_dir: str | Path | None = None) -> dict[str, StageTrainingData]:
     """collect_stage_items + tokenise_stages: every check for every stage, before any training."""
     stages = collect_stage_items(cfg, taxonomy)
     tokenise_stages(cfg, stages, processor, taxonomy, cache_dir=cache_dir)
@@ -147,7 +185,7 @@ class SeededShuffleSampler(Sampler[int]):
         return self.n
 
 
-def make_sampler(st: StageConfig, data: StageTrainingData, taxonomy, seed: int):
+def make_sampler(st: StageConfig, data: StageTrainingData, taxonomy: Taxonomy, seed: int):
     if st.sampler == "skill_balanced":
         from mose.skill_sampler import SkillBalancedSampler
 
@@ -155,4 +193,5 @@ def make_sampler(st: StageConfig, data: StageTrainingData, taxonomy, seed: int):
     return SeededShuffleSampler(len(data), seed)
 
 
-__all__ = ["StageTrainingData", "prepare_stage_data", "collect_stage_items", "tokenise_stages", "read_manifest", "stage_items", "make_sampler", "SeededShuffleSampler"]
+__all__ = ["StageTrainingData", "prepare_stage_data", "collect_stage_items", "tokenise_stages", "read_manifest", "stage_items", "items_path", "make_sampler",
+           "SeededShuffleSampler"]

@@ -3,7 +3,9 @@
     cfg = load_config("training/configs/tiny.yaml")
     result = run_training(cfg)          # {"stages": {name: {"final": dir, "steps": n, "loss": x, ...}}}
 
-Before any training: every stage's manifest, pool ids and items are checked and tokenised (training/data.py).
+Before any training: every stage's manifest, pool ids and items are checked and tokenised (training/data.py); each
+stage's skill dataset is kept in `<run.output_dir>/skill_items/<stage>.jsonl` and reused while its inputs are unchanged.
+The taxonomy (`data.taxonomy`, default the packaged one) is loaded once here and passed down as a `Taxonomy`.
 Then, per stage: its model (the preset / checkpoint for the first stage, else the previous stage's `final/`),
 LoRA if asked, the exact trainable set (printed as a parameter table), a `MoSETrainer` with the DeepSpeed config
 (or plain PyTorch), resume from the stage's last complete checkpoint, and the final safetensors export. A stage
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from mose.skills import Taxonomy
 from training.checkpoints import inject_lora, last_checkpoint, save_final, stage_done
 from training.config import ConfigError, TrainConfig
 from training.stages import STAGES, apply_trainable
@@ -104,7 +107,7 @@ def _release(trainer) -> None:
     gc.collect()
 
 
-def run_stage(cfg: TrainConfig, stage: str, model, processor, data, taxonomy, *, callbacks=(), progress: bool = True) -> dict:
+def run_stage(cfg: TrainConfig, stage: str, model, processor, data, taxonomy: Taxonomy, *, callbacks=(), progress: bool = True) -> dict:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from mose.skill_data import SkillCollator
@@ -200,7 +203,7 @@ def run_training(cfg: TrainConfig, *, stages: list[str] | None = None, fresh: bo
             for s in names:
                 shutil.rmtree(out / s, ignore_errors=True)
                 shutil.rmtree(out / "tensorboard" / s, ignore_errors=True)
-        data = collect_stage_items(cfg, taxonomy)  # every manifest / pool / item check, before any training
+        data = collect_stage_items(cfg, taxonomy, log=log)  # every manifest / pool / item check, before any training
         processor = initial_processor(cfg, {s: d.dataset for s, d in data.items()}, processor_dir)
         if state.is_main_process:
             from common.atomic import atomic_dir, write_json
