@@ -15,9 +15,7 @@ from curation.selection import Selection
 def coverage_rows(plan: DataPlan, data: dict[str, StageCandidates], selections: dict[str, Selection]) -> list[dict]:
     """Long table: one row per (stage, skill, source, environment) with selected scenes and the stage pool's
     available scenes. Stage "<pool>" rows count each stage pool's candidates once per distinct pool set."""
-    from mose.skills import load_taxonomy
-
-    tax = load_taxonomy(plan.taxonomy)
+    tax = plan.skill_tree
     rows = []
     for name, sel in selections.items():
         d = data[name]

@@ -101,9 +101,8 @@ def prepare(plan: DataPlan, *, pilot_factory: Callable | None = None, feedback_f
 
     from curation.registry import METHODS
     from datasets_cfg.schema import ScenePool
-    from mose.skills import load_taxonomy
 
-    tax = load_taxonomy(plan.taxonomy)
+    tax = plan.skill_tree
     opened = {}
     for name, p in plan.pools.items():
         try:

@@ -54,7 +54,8 @@ class DataPlan:
     stages: list[StagePlan]
     seed: int = 0
     skills_fallback: str = "annotate"
-    taxonomy: str | None = None
+    taxonomy: str | None = None  # the taxonomy YAML the plan names (None: the packaged one)
+    skill_tree: Any = None  # the loaded mose.skills.Taxonomy: read once by load_plan, used by every later step
 
     def err(self, key: str, expected: str, got: Any = None) -> PlanError:
         got_s = "" if got is None else f", got {got!r}"
@@ -111,7 +112,7 @@ def load_plan(path: str | os.PathLike, pool_overrides: dict[str, str] | None = N
         raise PlanError(f"{path}: unknown top-level key(s) {bad}; expected some of {sorted(TOP_KEYS)}")
     plan = DataPlan(path=path, name=str(raw.get("name", path.stem)), pools={}, stages=[])
     _load_top(plan, raw)
-    tax = load_taxonomy(plan.taxonomy)
+    tax = plan.skill_tree = load_taxonomy(plan.taxonomy)
     _load_pools(plan, raw.get("pools"), dict(pool_overrides or {}))
     stages = raw.get("stages")
     if not isinstance(stages, dict) or not stages:
