@@ -70,7 +70,7 @@ def test_selection_context_is_built_by_one_function():
 
 
 def test_cli_refuses_an_input_the_method_does_not_use(tmp_path, capsys):
-    from mose.cli import main
+    from pipelines.cli import main
 
     pool_dir = tmp_path / "pool"
     small_pool(2, 4).save(pool_dir)
