@@ -23,9 +23,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from common.errors import MoseError
 from curation.config_sections import load_sections
 from curation.registry import METHODS
-from curation.selection import PilotError, SelectionError
+from curation.selection import SelectionError
 from pipelines.curate_hooks import make_pilot
 
 
@@ -73,8 +74,7 @@ def plots_dir(args) -> str:
 
 
 def run(args) -> int:
-    from curation.features import FeatureError
-    from datasets_cfg.schema import ScenePool, SchemaError
+    from datasets_cfg.schema import ScenePool
 
     if getattr(args, "plan", None):
         from pipelines import curate_plan
@@ -112,7 +112,7 @@ def run(args) -> int:
             selection.config = {**selection.config, "pilot": {k: getattr(pilot, k, None) for k in ("model", "alpha", "metric", "tracking", "human_filter")}}
         selection.pool["path"] = str(Path(args.pool).resolve())
         rows_path = selection.write(args.out)
-    except (SelectionError, FeatureError, PilotError, SchemaError, FileNotFoundError, KeyError, ValueError) as exc:
+    except (MoseError, OSError, KeyError, ValueError) as exc:  # ours, file problems, and plain bad values from a library
         print(f"mose curate: error: {exc}", file=sys.stderr)
         return 2
     fb = f", {len(selection.fallbacks)} fallback(s) recorded" if selection.fallbacks else ""

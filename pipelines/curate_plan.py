@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.errors import MoseError
 from pipelines.curate_hooks import feedback_factory, pilot_factory
 
 
@@ -46,10 +47,7 @@ def parse_pools(items) -> dict[str, str]:
 
 
 def run(args) -> int:
-    from curation.features import FeatureError
-    from curation.plan import PlanError, load_plan, run_plan
-    from curation.selection import PilotError, SelectionError
-    from datasets_cfg.schema import SchemaError
+    from curation.plan import load_plan, run_plan
 
     try:
         plan = load_plan(args.plan, parse_pools(getattr(args, "plan_pool", [])))
@@ -57,7 +55,7 @@ def run(args) -> int:
             plan.seed = int(args.seed)
         result = run_plan(plan, args.out, pilot_factory=pilot_factory, feedback_factory=feedback_factory,
                           progress=not getattr(args, "no_progress", False))
-    except (PlanError, SelectionError, FeatureError, PilotError, SchemaError, FileNotFoundError, KeyError, ValueError) as exc:
+    except (MoseError, OSError, KeyError, ValueError) as exc:  # ours, file problems, and plain bad values from a library
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"mose curate --plan: error: {msg}", file=sys.stderr)
         return 2
