@@ -93,6 +93,47 @@ def test_each_stage_changes_only_its_parameters(run, setup):
     assert not any(".bias" in k or "vision_tower" in k or "norm" in k for k in moved)
 
 
+def test_recipe_resolution_and_groups():
+    from training.stages import FROM_SCRATCH_GROUPS, GROUPS, recipe_groups, resolve_recipe
+
+    assert resolve_recipe("auto", random_init=True) == "from_scratch" and resolve_recipe("auto", random_init=False) == "pretrained"
+    assert resolve_recipe("pretrained", random_init=True) == "pretrained" and resolve_recipe("from_scratch", random_init=False) == "from_scratch"
+    with pytest.raises(ValueError, match="recipe"):
+        resolve_recipe("everything", random_init=True)
+    assert recipe_groups(["router"], "pretrained") == ["router"]
+    # from scratch: everything but the vision tower (and LoRA / "other", which only a stage names itself)
+    assert set(recipe_groups(["router"], "from_scratch")) == set(GROUPS) - {"vision_tower", "lora", "other"} == set(FROM_SCRATCH_GROUPS)
+
+
+def test_random_init_base_trains_the_whole_language_model_by_default(tmp_path_factory, tmp_path):
+    """The tiny preset has no pretrained weights, so `model.recipe: auto` resolves to from_scratch: the align stage
+    (projector only under the stage recipe) trains every group but the vision tower, says so in its summary, and its
+    checkpoint differs from the start in the embeddings, attention, dense FFNs, norms and output head, not in the
+    vision tower."""
+    from training.runner import run_training
+
+    pool, manifests = session_pool(tmp_path_factory)
+    cfg = tiny_config(tmp_path, pool, manifests, steps=2, only=("align",), **{"model.recipe": "auto"})
+    summary = run_training(cfg, progress=False)["stages"]["align"]
+    assert summary["recipe"] == "from_scratch"
+    rows = summary["trainable"]
+    assert rows["vision_tower"][1] == 0 and all(rows[g][1] == rows[g][0] > 0 for g in
+                                                  ("projector", "embeddings", "attention", "dense_ffn", "router", "experts", "norms", "lm_head"))
+    start = {k: v.detach().clone() for k, v in initial_model_of(cfg).state_dict().items()}
+    moved = changed(start, load_weights(tmp_path / "align" / "final"))
+    assert not any("vision_tower" in k for k in moved)
+    for part in ("embed_tokens", ".self_attn.", ".mlp.gate_proj", "norm", "lm_head", "multi_modal_projector"):
+        assert any(part in k for k in moved), part
+
+
+def initial_model_of(cfg):
+    """The run's initial model rebuilt from its saved processor (same seed: the weights training started from)."""
+    from mose.skills import load_taxonomy
+    from training.model_setup import initial_model, load_processor
+
+    return initial_model(cfg, load_taxonomy(cfg.data.taxonomy), load_processor(cfg.run.output_dir + "/processor"))
+
+
 def _stage_loss(model, batch, losses) -> float:
     from training.trainer import stage_loss_weights
 

@@ -59,6 +59,7 @@ def test_shipped_tiny_config_and_stage_defaults():
     (lambda r: r["stages"]["skill_tune"]["lora"].update(r=0), "stages.skill_tune.lora", "r >= 1"),
     (lambda r: r["run"].update(deepspeed="nowhere/zero9.json"), "run.deepspeed", "file not found"),
     (lambda r: r["model"].update(path="some/ckpt"), "model", "exactly one of"),
+    (lambda r: r["model"].update(recipe="everything"), "model.recipe", "one of auto, pretrained, from_scratch"),
     (lambda r: r.update(stages={}), "stages", "at least one"),
 ])
 def test_bad_config_names_file_and_key(tmp_path, data, edit, key, words):

@@ -38,11 +38,13 @@ def write_manifests(pool_dir: Path, out: Path, per_stage: dict[str, list[str]] |
 
 def tiny_config(out: Path, pool: Path, manifests: Path, *, deepspeed: Path | None = None, steps: int = 3, only=None, **overrides):
     """The shipped tiny config, pointed at the test pool, `steps` optimizer steps per stage, batch 2 (`only`: a subset
-    of its stages); `overrides` maps dotted keys to values."""
+    of its stages); `overrides` maps dotted keys to values. The recipe is "pretrained" (each stage trains exactly its
+    own groups: what these tests check); the from_scratch recipe the tiny preset gets by default has its own test."""
     from training.config import load_config
 
     ov = {"run.output_dir": str(out), "run.deepspeed": str(deepspeed) if deepspeed else None, "run.progress": False,
-          "run.save_steps": 2, "data.pool": str(pool), "data.manifests": str(manifests), "data.max_length": 768}
+          "run.save_steps": 2, "data.pool": str(pool), "data.manifests": str(manifests), "data.max_length": 768,
+          "model.recipe": "pretrained"}
     for s in STAGES:
         ov[f"stages.{s}.max_steps"] = steps
         ov[f"stages.{s}.batch_size"] = 2

@@ -1,7 +1,7 @@
 """Typed training configuration: one YAML file -> `TrainConfig`, validated before anything is built.
 
     run:    {output_dir, seed, deepspeed, precision, gradient_checkpointing, logging_steps, save_steps, ...}
-    model:  {preset, preset_args, path, processor, dispatch}
+    model:  {preset, preset_args, path, processor, dispatch, recipe}
     data:   {pool, manifests, taxonomy, max_length, max_images}
     stages: {align: {...}, router_pretrain: {...}, skill_tune: {...}}   # any subset; always run in that order
 
@@ -54,6 +54,10 @@ class ModelConfig:
     path: str | None = None  # a MoSE checkpoint directory (from_pretrained) instead of a preset
     processor: str | None = None  # processor directory; default: the checkpoint's / the preset's
     dispatch: str | None = None  # override the expert dispatch (mose.config.DISPATCHES: "auto", "grouped_mm", "sort", "eager")
+    # "pretrained": each stage trains its own groups; "from_scratch": every stage also trains the whole language model
+    # (training.stages.FROM_SCRATCH_GROUPS); "auto": from_scratch when the model starts from random init (a preset
+    # without pretrained weights), else pretrained. training.stages.resolve_recipe decides; the stage table prints it.
+    recipe: str = "auto"
 
 
 @dataclass
@@ -275,7 +279,10 @@ def _validate(cfg: TrainConfig, groups: tuple[str, ...]) -> None:
     if (model.preset is None) == (model.path is None):
         raise cfg.err("model", "exactly one of model.preset (a preset name) or model.path (a MoSE checkpoint directory)")
     from mose.config import DISPATCHES
+    from training.stages import RECIPES
 
+    if model.recipe not in RECIPES:
+        raise cfg.err("model.recipe", f"one of {', '.join(RECIPES)}", model.recipe)
     if model.dispatch is not None and model.dispatch not in DISPATCHES:
         raise cfg.err("model.dispatch", f"one of {', '.join(DISPATCHES)}", model.dispatch)
     if not data.pool:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from training.config import ConfigError
 
+
 def train_processor(texts, base):
     """A LlavaProcessor around a byte-level BPE trained on `texts`, sized for the random-init base config `base`
     (its vocabulary, image token id and image size): `mose.skill_tokenizer`, the same builder the skill dataset uses."""
@@ -69,6 +70,11 @@ def _preset(cfg):
     return PRESETS[cfg.model.preset]
 
 
+def starts_from_random_init(cfg) -> bool:
+    """True when the run's first model has no pretrained weights: a preset without a hub model (e.g. "tiny")."""
+    return cfg.model.path is None and _preset(cfg).hub_id is None
+
+
 def initial_model(cfg, taxonomy, processor):
     """The model the first stage starts from: a checkpoint, an upcycled hub VLM or a random-init preset."""
     import torch
@@ -120,4 +126,4 @@ def stage_model(final_dir: Path, dispatch: str | None = None):
     return _dispatch(MoSEForConditionalGeneration.from_pretrained(str(final_dir)), dispatch)
 
 
-__all__ = ["train_processor", "initial_processor", "initial_model", "stage_model", "load_processor", "item_texts"]
+__all__ = ["train_processor", "initial_processor", "initial_model", "stage_model", "load_processor", "item_texts", "starts_from_random_init"]

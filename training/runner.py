@@ -26,7 +26,7 @@ import torch
 from mose.skills import Taxonomy
 from training.checkpoints import inject_lora, last_checkpoint, save_final, stage_done
 from training.config import ConfigError, TrainConfig
-from training.stages import STAGES, apply_trainable
+from training.stages import STAGES, apply_trainable, recipe_groups, resolve_recipe
 
 
 def log(msg: str) -> None:
@@ -107,7 +107,10 @@ def _release(trainer) -> None:
     gc.collect()
 
 
-def run_stage(cfg: TrainConfig, stage: str, model, processor, data, taxonomy: Taxonomy, *, callbacks=(), progress: bool = True) -> dict:
+def run_stage(cfg: TrainConfig, stage: str, model, processor, data, taxonomy: Taxonomy, *, recipe: str = "pretrained", callbacks=(),
+              progress: bool = True) -> dict:
+    """Train one stage. `recipe` (resolved: "pretrained" or "from_scratch", training.stages.resolve_recipe) decides
+    whether the whole language model trains too."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from mose.skill_data import SkillCollator
@@ -121,9 +124,12 @@ def run_stage(cfg: TrainConfig, stage: str, model, processor, data, taxonomy: Ta
     if st.lora is not None:
         n = inject_lora(model, st.lora)
         log(f"[{stage}] LoRA r={st.lora.r} alpha={st.lora.alpha} on {n} attention projections")
-    groups = list(st.trainable) + (["lora"] if st.lora is not None and "lora" not in st.trainable else [])
+    groups = recipe_groups(st.trainable, recipe) + (["lora"] if st.lora is not None and "lora" not in st.trainable else [])
     table = apply_trainable(model, groups)
-    log(table.format(f"[{stage}] {STAGES[stage].description}\n[{stage}] parameters (trainable groups: {', '.join(groups)}):"))
+    why = {"from_scratch": "the base has no pretrained weights: the whole language model trains in every stage",
+           "pretrained": "each stage trains its own groups"}[recipe]
+    log(table.format(f"[{stage}] {STAGES[stage].description}\n[{stage}] recipe: {recipe} ({why})\n"
+                     f"[{stage}] parameters (trainable groups: {', '.join(groups)}):"))
     precision = resolve_precision(cfg.run.precision)
     args = training_arguments(cfg, stage, stage_dir, precision, model)
     trainer = MoSETrainer(model=model, args=args, train_dataset=data.dataset, data_collator=SkillCollator(processor),
@@ -144,7 +150,7 @@ def run_stage(cfg: TrainConfig, stage: str, model, processor, data, taxonomy: Ta
             summary = {
                 "stage": stage, "steps": trainer.state.global_step, "train_loss": result.training_loss,
                 "last_loss": logs[-1]["loss"] if logs else None, "resumed_from": str(resume) if resume else None,
-                "precision": precision, "deepspeed": cfg.run.deepspeed, "world_size": trainer.args.world_size, "trainable": table.rows, "trainable_groups": groups,
+                "precision": precision, "deepspeed": cfg.run.deepspeed, "world_size": trainer.args.world_size, "trainable": table.rows, "trainable_groups": groups, "recipe": recipe,
                 "lora": None if st.lora is None else vars(st.lora), "losses": vars(st.losses), "manifest": str(data.manifest),
                 "scenes": len(data.scene_ids), "items": len(data), "data_report": data.report,
             }
@@ -182,7 +188,7 @@ def run_training(cfg: TrainConfig, *, stages: list[str] | None = None, fresh: bo
     """Check everything, then train the stages in order. Returns {"stages": {name: summary}, "final": dir}."""
     from mose.skills import load_taxonomy
     from training.data import collect_stage_items, tokenise_stages
-    from training.model_setup import initial_model, initial_processor, stage_model
+    from training.model_setup import initial_model, initial_processor, stage_model, starts_from_random_init
 
     names = cfg.stage_names()
     if stages:
@@ -197,6 +203,7 @@ def run_training(cfg: TrainConfig, *, stages: list[str] | None = None, fresh: bo
 
     state = PartialState()  # under a launcher: the process group; the main process prepares, the others then reuse
     taxonomy = load_taxonomy(cfg.data.taxonomy)
+    recipe = resolve_recipe(cfg.model.recipe, random_init=starts_from_random_init(cfg))
     processor_dir = out / "processor"
     with state.main_process_first():
         if fresh and state.is_main_process:
@@ -235,7 +242,7 @@ def run_training(cfg: TrainConfig, *, stages: list[str] | None = None, fresh: bo
         if not checked:
             preflight(cfg, [n for n in names if not stage_done(out / n)], model)
             checked = True
-        results[s] = run_stage(cfg, s, model, processor, data[s], taxonomy, callbacks=callbacks, progress=progress)
+        results[s] = run_stage(cfg, s, model, processor, data[s], taxonomy, recipe=recipe, callbacks=callbacks, progress=progress)
         prev_final = out / s / "final"
         del model
     return {"stages": results, "final": str(prev_final) if prev_final else None}

@@ -9,6 +9,14 @@
 Parameters are sorted into module groups by name (`param_group`); a stage's `trainable` list names groups.
 `apply_trainable` sets `requires_grad` exactly and returns the parameter table printed at each stage's start.
 MoE-LLaVA's stages for comparison: projector (lr 1e-3), full LLM (2e-5), experts + router (2e-5).
+
+The recipe (`model.recipe`, resolved by `resolve_recipe`). These stages assume a pretrained base: its embeddings,
+attention, dense FFNs, norms and output head already work, and each stage moves only its own groups. A random-init
+base (the tiny preset) has none of that: under the stage groups alone, about 1.8M of its 4.3M parameters never leave
+random init and it cannot learn to answer. So a base without pretrained weights trains with the "from_scratch"
+recipe: every stage trains its own groups plus the whole language model and the projector (`FROM_SCRATCH_GROUPS`;
+the vision tower stays frozen: random features are still a fixed projection of the image). Our choice; the MoSE
+paper starts from a pretrained VLM and says nothing about random init.
 """
 from __future__ import annotations
 
@@ -18,6 +26,25 @@ from torch import nn
 
 GROUPS = ("vision_tower", "projector", "embeddings", "attention", "dense_ffn", "router", "experts", "shared_expert", "norms",
           "lm_head", "lora", "other")
+
+
+RECIPES = ("auto", "pretrained", "from_scratch")
+FROM_SCRATCH_GROUPS = ("projector", "embeddings", "attention", "dense_ffn", "router", "experts", "shared_expert", "norms", "lm_head")
+
+
+def resolve_recipe(recipe: str, *, random_init: bool) -> str:
+    """"pretrained" or "from_scratch": `recipe` itself, or for "auto" from_scratch exactly when the base is random init."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    if recipe == "auto":
+        return "from_scratch" if random_init else "pretrained"
+    return recipe
+
+
+def recipe_groups(groups, recipe: str) -> list[str]:
+    """A stage's trainable groups under a resolved recipe: its own, plus FROM_SCRATCH_GROUPS for from_scratch (in GROUPS order)."""
+    wanted = set(groups) | (set(FROM_SCRATCH_GROUPS) if recipe == "from_scratch" else set())
+    return [g for g in GROUPS if g in wanted]
 
 
 @dataclass(frozen=True)
@@ -141,4 +168,5 @@ def apply_trainable(model: nn.Module, groups) -> ParamTable:
     return table
 
 
-__all__ = ["GROUPS", "STAGES", "StageSpec", "param_group", "param_table", "apply_trainable", "ParamTable"]
+__all__ = ["GROUPS", "STAGES", "StageSpec", "param_group", "param_table", "apply_trainable", "ParamTable", "RECIPES", "FROM_SCRATCH_GROUPS",
+           "resolve_recipe", "recipe_groups"]
