@@ -182,6 +182,7 @@ def _train_summary(ctx, result: dict) -> dict:
         log = [json.loads(line) for line in (ctx.dir / name / "log.jsonl").read_text().splitlines() if line.strip()]
         stages[name] = {"steps": s["steps"], "train_loss": s["train_loss"], "last_loss": s["last_loss"], "scenes": s["scenes"], "items": s["items"],
                         "trainable_groups": s["trainable_groups"], "trainable_params": sum(r[1] for r in s["trainable"].values()),
+                        "recipe": s.get("recipe"),
                         "losses": s["losses"], "lora": s["lora"], "deepspeed": Path(s["deepspeed"]).name if s["deepspeed"] else None,
                         "loss_curve": [[r["step"], r["loss"]] for r in log if "loss" in r]}
     return {"final": _rel(ctx, final), "parameters": counts, "stages": stages}
@@ -224,7 +225,12 @@ def train_dense(ctx) -> dict:
     from training.runner import run_training
 
     init = dense_init(ctx.step_dir("skills") / "processor", ctx.dir / "init", int(ctx.cfg["seed"]), ctx.taxonomy)
-    extra = {"model.preset": None, "model.path": str(init)}
+    # the dense init is a random-init checkpoint (model.path), which "auto" would take for pretrained: it gets the
+    # recipe the MoSE run resolves for the same random-init backbone, so both train the same parameter groups
+    from training.stages import resolve_recipe
+
+    recipe = resolve_recipe(_train_config(ctx, ctx.dir).model.recipe, random_init=True)
+    extra = {"model.preset": None, "model.path": str(init), "model.recipe": recipe}
     for stage in STAGES:  # no router: no balance, z or skill loss
         extra[f"stages.{stage}.losses"] = {"lm": 1.0, "balance": 0.0, "z": 0.0, "skill": 0.0}
     extra["stages.router_pretrain.trainable"] = list(ctx.cfg["dense"]["router_pretrain_trainable"])
