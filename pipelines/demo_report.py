@@ -349,10 +349,22 @@ def build_report(run_dir: str | Path, out_dir: str | Path) -> dict:
             rows.append([d, dom["sizes"][i], f.get("a"), f.get("tau"), f.get("status", ""), ", ".join(f"{n}:{g:.3f}" for n, g in zip(pts.get("n", []), pts.get("gain", []))) or "-",
                          ms["allocation"].get(d)])
         md.append(table(["domain", "scenes", "a (fitted gain)", "τ (scenes)", "fit", "pilot points n:ΔU", "allocated"], rows))
-        md.append(f"ΔU = gain in the fast pilot planner's EPDMS on its held-out pilot scenes (eval/pilot.py) over the base run's "
-                  f"U₀ = {fmt(_get(ms, 'pilot', 'base_score'))} ({fmt(_get(ms, 'pilot', 'base_size'))} scenes); fitted "
-                  f"ΔU(n) = a(1 - exp(-n/τ)) per domain; predicted gain of the allocation {fmt(ms.get('predicted_gain'))}. "
+        gain, u0_note = mosaic_gain(ms)
+        if gain is None:
+            said = "predicted gain of the allocation n/a"
+        elif gain["clipped"]:
+            said = (f"predicted gain of the allocation {fmt(gain['predicted_gain'])}, the fitted laws' sum {fmt(gain['predicted_gain_raw'])} "
+                    f"clipped to what the metric allows (predicted score U₀ + gain ≤ {fmt(gain['score_bounds'][1])}; the allocation "
+                    "uses the laws as fitted)")
+        else:
+            said = f"predicted gain of the allocation {fmt(gain['predicted_gain'])}"
+        if gain is not None and gain.get("predicted_score") is not None:
+            said += f", predicted pilot score {fmt(gain['predicted_score'])}"
+        md.append(f"ΔU = gain in the fast pilot planner's EPDMS (0-1) on its held-out pilot scenes (eval/pilot.py) over the base run's "
+                  f"U₀ = {fmt(_get(ms, 'pilot', 'base_score'))} ({fmt(_get(ms, 'pilot', 'base_size'))} scenes)"
+                  f"{f' ({u0_note})' if u0_note else ''}; fitted ΔU(n) = a(1 - exp(-n/τ)) per domain; {said}. "
                   f"Domains: {dom.get('source')}. Source: `curate/{name}.header.json`.\n\n")
+        numbers[f"mosaic_{name}_predicted_gain"] = None if gain is None else gain["predicted_gain"]
         for key, label in (("fits", "MOSAIC scaling curves"), ("allocation", "MOSAIC allocation")):
             src = ms.get("plots", {}).get(key)
             if src and (run / src).is_file():
@@ -507,6 +519,23 @@ def build_report(run_dir: str | Path, out_dir: str | Path) -> dict:
 
     write_text(out / "report.md", "".join(md))
     return {"report": str((out / "report.md").relative_to(run)), "figures": figures, "numbers": numbers}
+
+
+def mosaic_gain(ms: dict) -> tuple[dict | None, str]:
+    """(curation/scaling.py `bounded_gain` of a MOSAIC stage state, the note on U₀). States written before the bound
+    existed carry only the raw sum as "predicted_gain": it is bounded here by the demo pilot's range (eval/pilot.py
+    `FastPilot.score_bounds`)."""
+    from curation.mosaic import base_score_note
+    from curation.scaling import bounded_gain
+    from eval.pilot import FastPilot
+
+    pilot = ms.get("pilot") or {}
+    raw = ms.get("predicted_gain_raw", ms.get("predicted_gain"))
+    bounds = ms["score_bounds"] if "score_bounds" in ms else FastPilot.score_bounds
+    gain = None if raw is None else bounded_gain(raw, pilot.get("base_score"), bounds)
+    note = pilot["base_note"] if "base_note" in pilot else base_score_note(pilot.get("base_size", 0), pilot.get("base_score"),
+                                                                            pilot.get("base_valid_fraction"))
+    return gain, note
 
 
 def closed_loop_means(run: Path, cl: dict) -> dict:

@@ -507,3 +507,27 @@ def test_object_recall_of_degenerate_answers_is_flagged_not_plotted(tmp_path):
     dense = _table_row(md, "dense baseline", "object recall (well-formed)")
     assert float(dense["object recall (well-formed)"]) == 0.5 and float(dense["object precision (well-formed)"]) == 1.0
     assert dense["degenerate answers"] == "0 of 3"
+
+
+def test_mosaic_predicted_gain_is_bounded_and_u0_zero_explained(tmp_path):
+    from pipelines.demo_report import build_report
+
+    # a stage state as written before the bound existed: the laws' raw sum 1.06 on the pilot's 0-1 EPDMS, U0 = 0
+    ms = {"domains": {"source": "kmeans", "names": ["c0", "c1"], "sizes": [10, 10]},
+          "fits": {"c0": {"a": 0.6, "tau": 5.0, "status": "ok"}, "c1": {"a": 0.5, "tau": 5.0, "status": "ok"}},
+          "allocation": {"c0": 10, "c1": 10}, "predicted_gain": 1.06, "pilot": {"base_size": 8, "base_score": 0.0, "points": {}}}
+    run = tmp_path / "run"
+    _write_json(run / "curate" / "summary.json", {"stages": {"skill_tune": {"method": "mosaic", "mosaic": ms}}})
+    res = build_report(run, run / "report")
+    md = (run / "report" / "report.md").read_text()
+    assert res["numbers"]["mosaic_skill_tune_predicted_gain"] == 1.0  # 1 - U0
+    assert "predicted gain of the allocation 1.0000, the fitted laws' sum 1.0600 clipped" in md
+    assert "predicted gain of the allocation 1.06" not in md
+    assert "U₀ = 0: the pilot trained on the 8 base scenes scored 0 on every held-out pilot scene" in md
+    # a state with the bound recorded is reported as recorded, nothing clipped, no note on a non-zero U0
+    ms.update(predicted_gain=0.04, predicted_gain_raw=0.04, predicted_gain_clipped=False, score_bounds=[0.0, 1.0])
+    ms["pilot"].update(base_score=0.93, base_note="")
+    _write_json(run / "curate" / "summary.json", {"stages": {"skill_tune": {"method": "mosaic", "mosaic": ms}}})
+    build_report(run, run / "report")
+    line = next(l for l in (run / "report" / "report.md").read_text().splitlines() if l.startswith("ΔU = "))
+    assert "predicted gain of the allocation 0.0400, predicted pilot score 0.9700" in line and "clipped" not in line and "U₀ = 0:" not in line
