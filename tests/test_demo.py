@@ -483,6 +483,10 @@ def test_one_colour_per_planner_in_every_panel_and_figure():
         assert s[label] == {tuple(np.round(to_rgba(planner_color(key)), 6))}, label  # one colour in every panel
     assert s["MoSE"] == l["MoSE"] and s["dense baseline"] == l["dense baseline"]  # and the same in the other figure
     assert len({planner_color(k) for k in ("mose", "dense", "human", "pdm_closed", "constant_velocity")}) == 5
+    import matplotlib.pyplot as plt
+
+    plt.close(scores)
+    plt.close(losses)
 
 
 def test_object_recall_of_degenerate_answers_is_flagged_not_plotted(tmp_path):
@@ -497,6 +501,9 @@ def test_object_recall_of_degenerate_answers_is_flagged_not_plotted(tmp_path):
     assert bars.get("MoSE", []) == []  # no bar for the model whose answers are all degenerate
     assert [round(p.get_height(), 6) for p in bars["dense baseline"]] == [0.5]  # well-formed: vehicle of {vehicle, vru}
     assert "degenerate answers" in [t.get_text() for t in qa.texts]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
     run = tmp_path / "run"
     _write_json(run / "evaluate" / "summary.json", ev)
     build_report(run, run / "report")
