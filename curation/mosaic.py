@@ -23,6 +23,10 @@ Steps and our choices where the paper is silent (marked OURS):
 5. Allocation: the exact greedy δ_i(b_i) = ΔU_i(b_i+1) - ΔU_i(b_i) (scaling.allocate), capped at each
    domain's size; each step adds the domain's next-ranked scene. Known curves can be passed as
    `fits=[{"a": .., "tau": ..}, ...]` (one per domain, in domain order) to skip the pilots.
+6. Reported predicted gain (OURS, reporting only, the allocation is unchanged): Σ_i ΔU_i(b_i) clipped so that
+   U_0 + gain stays inside the metric's bounds (`score_bounds`, default: the pilot's `score_bounds` attribute,
+   (0, 1) for the fast pilot's EPDMS; None = unbounded), with the raw sum, a `clipped` flag and a note
+   (scaling.bounded_gain); the state's pilot entry says why U_0 is 0 when it is (`base_score_note`).
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from curation.features import resolve_features
-from curation.scaling import DomainFit, allocate, fit_saturating, predicted_gain, saturating
+from curation.scaling import DomainFit, allocate, bounded_gain, fit_saturating, predicted_gain, saturating
 from curation.scores import align_scores
 from curation.selection import PilotError, SampleScorer, Selection, SelectionError, Selector, check_budget, pool_info, run_pilot
 
@@ -104,7 +108,7 @@ class MOSAIC(Selector):
                  pilot_sizes: Sequence[int] | None = None, n_pilot_sizes: int = 4, pilot_min: int = 8, pilot_max: int | None = None,
                  pilot_base: int | None = None, pilot_repeats: int = 1, on_pilot_error: str = "skip", min_r2: float = 0.5,
                  flat_tol: float = 0.0, fits: Sequence[dict] | None = None, plot_dir: str | None = None, progress: bool = True,
-                 random_state: int = 0):
+                 random_state: int = 0, score_bounds: Sequence[float] | None = None):
         self.n_domains = n_domains
         self.domain_key = domain_key
         self.features = features
@@ -122,6 +126,7 @@ class MOSAIC(Selector):
         self.plot_dir = plot_dir
         self.progress = progress
         self.random_state = random_state
+        self.score_bounds = score_bounds
 
     def _validate(self):
         if self.importance not in ("high", "low"):
@@ -130,6 +135,11 @@ class MOSAIC(Selector):
             raise SelectionError(f"mosaic: on_pilot_error must be 'skip' or 'raise', got {self.on_pilot_error!r}")
         if self.domain_key is None and (not isinstance(self.n_domains, (int, np.integer)) or self.n_domains < 1):
             raise SelectionError(f"mosaic: n_domains must be a positive integer, got {self.n_domains!r}")
+        if self.score_bounds is not None:
+            b = self.score_bounds
+            if (isinstance(b, (str, bytes)) or not hasattr(b, "__len__") or len(b) != 2
+                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in b) or not b[0] < b[1]):
+                raise SelectionError(f"mosaic: score_bounds must be [lo, hi] with lo < hi (the metric's range), got {b!r}")
 
     # ------------------------------------------------------------------------------------------
     def _select(self, pool, budget: int, ctx) -> Selection:
@@ -147,12 +157,13 @@ class MOSAIC(Selector):
         self.domains_, self.domain_names_ = labels, names
         sizes = np.bincount(labels, minlength=len(names))
 
-        base_ids, base_score = [], None
+        base_ids, base_score, base_metrics = [], None, {}
         if self.fits is None and pilot is None:
             raise SelectionError("mosaic: needs a pilot trainer (model feedback) to fit the scaling laws, or known curves via fits=[{a, tau}, ...]")
         if self.fits is None:
             base_ids = self._base_set(ids, labels, budget, rng)
-            base_score = run_pilot(pilot, base_ids, "MOSAIC pilot base run")["score"]
+            base_metrics = run_pilot(pilot, base_ids, "MOSAIC pilot base run")
+            base_score = base_metrics["score"]
 
         imp, imp_src = self._importance(ids, scores, pilot, base_ids, fallbacks)
         self.importance_ = imp
@@ -180,13 +191,19 @@ class MOSAIC(Selector):
         self.allocation_ = sel["allocation"]
         pos = sel["positions"]
         reasons = [f"domain {names[d]} rank {r + 1}: marginal gain {g:.4g}" for d, r, g in zip(sel["domain"], sel["rank"], sel["gain"])]
+        bounds = self.score_bounds if self.score_bounds is not None else getattr(pilot, "score_bounds", None)
+        gain = bounded_gain(predicted_gain(a, tau, sel["allocation"]), base_score, bounds)
         state = {
             "domains": {"source": dom_desc, "names": names, "sizes": sizes.tolist()},
             "importance": {"source": imp_src, "order": self.importance},
-            "pilot": {"base_size": len(base_ids), "base_score": base_score, "points": {names[d]: p for d, p in points.items()}},
+            "pilot": {"base_size": len(base_ids), "base_score": base_score, "base_valid_fraction": base_metrics.get("valid_fraction"),
+                      "base_note": base_score_note(len(base_ids), base_score, base_metrics.get("valid_fraction")),
+                      "points": {names[d]: p for d, p in points.items()}},
             "fits": {names[d]: f.to_dict() for d, f in enumerate(fits)},
             "allocation": {names[d]: int(x) for d, x in enumerate(sel["allocation"])},
-            "predicted_gain": predicted_gain(a, tau, sel["allocation"]),
+            "predicted_gain": gain["predicted_gain"], "predicted_gain_raw": gain["predicted_gain_raw"],
+            "predicted_gain_clipped": gain["clipped"], "predicted_gain_note": gain["note"], "predicted_score": gain["predicted_score"],
+            "score_bounds": gain["score_bounds"],
             "allocation_method": "exact greedy (water-filling + heap)",
         }
         if self.plot_dir:
@@ -302,6 +319,20 @@ class MOSAIC(Selector):
         """fits.png (pilot points and fitted curves per domain) and allocation.png; returns their paths."""
         return plot_mosaic(self.domain_names_, self.fits_, self.pilot_points_, self.allocation_,
                            np.bincount(self.domains_, minlength=len(self.domain_names_)), out_dir)
+
+
+def base_score_note(base_size: int, base_score: float | None, valid_fraction: float | None = None) -> str:
+    """Why U_0 is what it is, when that needs saying: no base run, an empty base set, or a base score of 0."""
+    if base_score is None:
+        return "no base run (known fits given): U₀ not measured"
+    if base_size == 0:
+        return (f"U₀ = {base_score:.4g}: the base set is empty (pilot_base = 0), so U₀ is the pilot's score with no training data"
+                + (" (no data, no score: 0 by construction of such a pilot)" if base_score == 0 else ""))
+    if base_score == 0:
+        valid = f"; {valid_fraction:.0%} of them were valid plans" if valid_fraction is not None else ""
+        return (f"U₀ = 0: the pilot trained on the {base_size} base scenes scored 0 on every held-out pilot scene{valid} "
+                "(an invalid plan scores 0, and EPDMS is 0 whenever a multiplicative penalty fails: an at-fault collision or leaving the drivable area)")
+    return ""
 
 
 def plot_mosaic(names, fits, points, allocation, sizes, out_dir) -> dict:

@@ -249,6 +249,39 @@ def predicted_gain(a, tau, alloc) -> float:
     return float(np.sum(saturating(alloc, np.asarray(a, float), np.asarray(tau, float))))
 
 
+def bounded_gain(raw_gain: float, base_score: float | None, bounds=None) -> dict:
+    """The predicted gain as reported: `raw_gain` (Σ_i ΔU_i(b_i), `predicted_gain`) clipped so that the predicted
+    score U_0 + gain stays inside the metric's `bounds` (lo, hi), e.g. (0, 1) for EPDMS: gain in [lo - U_0, hi - U_0];
+    without a base score (known fits, no base run) the gain is at most hi - lo.
+
+    OURS, reporting only: the paper sums the per-domain laws (linear separability) and never bounds the sum; the
+    allocation still uses the raw laws. Saturating laws fitted per domain each from the same U_0 can add up to more
+    than the metric has left above U_0; that sum is then not a prediction the metric allows, so it is clipped and
+    said. Returns {"predicted_gain", "predicted_gain_raw", "clipped", "predicted_score", "score_bounds", "note"}.
+    """
+    raw = float(raw_gain)
+    out = {"predicted_gain": raw, "predicted_gain_raw": raw, "clipped": False, "score_bounds": None,
+           "predicted_score": None if base_score is None else float(base_score) + raw, "note": ""}
+    if bounds is None:
+        out["note"] = "metric bounds unknown: the sum of the fitted laws, not bounded"
+        return out
+    lo, hi = (float(b) for b in bounds)
+    if not lo < hi:
+        raise ValueError(f"bounded_gain: bounds must be (lo, hi) with lo < hi, got {bounds!r}")
+    out["score_bounds"] = [lo, hi]
+    if base_score is None:
+        g_lo, g_hi, where = lo - hi, hi - lo, f"the metric's range {hi - lo:g}"
+    else:
+        g_lo, g_hi, where = lo - float(base_score), hi - float(base_score), f"{hi:g} - U₀ = {hi - float(base_score):.4g} (score ≤ {hi:g})"
+    g = float(min(max(raw, g_lo), g_hi))
+    if g != raw:
+        out.update(predicted_gain=g, clipped=True,
+                   note=f"the fitted laws sum to {raw:.4g}, more than the metric allows ({where}): clipped to {g:.4g}")
+    if base_score is not None:
+        out["predicted_score"] = float(base_score) + g
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # BRMR
 

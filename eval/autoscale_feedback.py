@@ -11,7 +11,8 @@
    31-bit episode seeds, so small integers are practically disjoint);
 3. optionally scores it open loop with EPDMS on held-out scenes (`heldout_ids`), mixed in with
    `open_loop_weight`.
-The score (OURS, `metric`): "epdms" = mean closed-loop EPDMS of the executed drives (the project's metric);
+The score (OURS, `metric`): "epdms" = mean closed-loop EPDMS of the executed drives (the project's metric;
+a crashed episode scores 0, an unscored one 0 too);
 "driving_score" = mean over episodes of route_completion x (no crash) x (on road); "no_crash" = 1 - crash
 rate; "route_completion". Returned with the closed-loop means and the pilot's fit statistics.
 

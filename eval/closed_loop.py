@@ -24,12 +24,17 @@ An episode ends at `duration_s` or at a crash. Reported per episode:
   ahead), clipped to 1;
 - comfort: fraction of the executed trajectory's 4 s windows (every 0.5 s) inside all six NAVSIM comfort
   bounds;
-- epdms: the mean EPDMS of the executed trajectory, scored like NAVSIM scores a human: the episode is cut
-  into scenes (1.5 s history, 4 s future, 2 Hz) whose logged future is what the ego did, against the agents
-  as they actually moved (human filter off: the executed drive is what is judged);
+- epdms: the episode's score. A crashed episode (it ended in a collision, before `duration_s`) scores 0 (OURS:
+  a crash is a failed drive, whatever the seconds before it were worth). Otherwise the mean EPDMS of the
+  executed trajectory, scored like NAVSIM scores a human: the episode is cut into scenes (1.5 s history, 4 s
+  future, 2 Hz) whose logged future is what the ego did, against the agents as they actually moved (human
+  filter off: the executed drive is what is judged); NaN (unscored) when the episode is too short for one
+  scene (`duration_s` under 5.5 s). `epdms_scenes_mean` keeps the mean over the scored scenes, crashed or not;
 - planner_failures: decisions where the planner raised or returned unusable poses (the ego then brakes
   along its current heading).
-`ClosedLoopResult.means` averages them (rates for the booleans).
+`ClosedLoopResult.means` averages them (rates for the booleans; `episode_means`). Its "epdms" is the mean of the
+episodes' scores, a crash counting 0 and never skipped; unscored episodes (too short, not crashed) are left out
+and counted ("epdms_unscored"), the crashes are counted too ("crashes").
 """
 from __future__ import annotations
 
@@ -293,10 +298,13 @@ def _summarise(ep: _Episode, executed: np.ndarray, route: Polyline | None, limit
     scenes = [Scene(ep.row(c - HISTORY, c, c + FUTURE, f"{ep.log_name}-f{c:03d}")) for c in range(HISTORY, n_frames - FUTURE)]
     rows = score_scenes(scenes, human(scenes), human_filter=False, protocol=protocol) if scenes else []
     scores = [r["score"] for r in rows if r["valid"]]
+    scenes_mean = float(np.mean(scores)) if scores else math.nan
+    crashed = crash_time is not None
     return {
         "env": ep.name, "seed": ep.seed, "decisions": 0, "duration_s": round((len(executed) - 1) * sp.dt, 3),
-        "crashed": crash_time is not None, "crash_time_s": crash_time, "offroad": offroad, "progress_m": progress, "route_completion": completion,
-        "comfort": comfort, "epdms": float(np.mean(scores)) if scores else math.nan, "epdms_scenes": len(scores), "planner_failures": failures,
+        "crashed": crashed, "crash_time_s": crash_time, "offroad": offroad, "progress_m": progress, "route_completion": completion,
+        "comfort": comfort, "epdms": 0.0 if crashed else scenes_mean, "epdms_scenes_mean": scenes_mean, "epdms_scenes": len(scores),
+        "planner_failures": failures,
     }
 
 
@@ -313,15 +321,34 @@ def run_closed_loop(planner: Planner, envs: Sequence[str] = ("highway",), episod
 
         it = tqdm(it, desc="closed loop", unit="episode")
     rows = [run_episode(planner, envs[i % len(envs)], seed + i, duration_s, num_poses, interval, protocol) for i in it]
-    return ClosedLoopResult(episodes=rows, means=_means(rows))
+    return ClosedLoopResult(episodes=rows, means=episode_means(rows))
 
 
-def _means(rows: list[dict]) -> dict:
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def episode_score(row: dict) -> float:
+    """An episode's EPDMS: 0 for a crash (whatever its row says: rows written before crashes scored 0 kept the
+    scenes' mean), else its `epdms` (NaN when the episode was too short to score)."""
+    if row.get("crashed"):
+        return 0.0
+    v = row.get("epdms")
+    return math.nan if _missing(v) else float(v)
+
+
+def episode_means(rows: list[dict]) -> dict:
+    """Means over episodes: rates for the booleans, the episode score (`episode_score`: a crash is 0, never
+    skipped) for "epdms", with the counts of crashed and unscored episodes next to it."""
     def avg(key):
-        vals = [float(r[key]) for r in rows if r[key] is not None and not (isinstance(r[key], float) and math.isnan(r[key]))]
+        vals = [float(r[key]) for r in rows if not _missing(r.get(key))]
         return float(np.mean(vals)) if vals else math.nan
 
+    scores = [episode_score(r) for r in rows]
+    scored = [s for s in scores if not math.isnan(s)]
     return {
         "episodes": len(rows), "crash_rate": avg("crashed"), "offroad_rate": avg("offroad"), "route_completion": avg("route_completion"),
-        "progress_m": avg("progress_m"), "comfort": avg("comfort"), "epdms": avg("epdms"), "planner_failures": int(sum(r["planner_failures"] for r in rows)),
+        "progress_m": avg("progress_m"), "comfort": avg("comfort"), "epdms": float(np.mean(scored)) if scored else math.nan,
+        "crashes": int(sum(bool(r.get("crashed")) for r in rows)), "epdms_unscored": len(scores) - len(scored),
+        "planner_failures": int(sum(r.get("planner_failures", 0) for r in rows)),
     }

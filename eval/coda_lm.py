@@ -244,6 +244,10 @@ def _print_summary(scores: dict) -> None:
         print(f"final       {fmt(js['final']['score'])} (failures as 1: {fmt(js['final']['score_failures_as_1'])})")
     rec = scores["offline"]["object_recall"]
     print(f"object recall {fmt(rec['recall'])} precision {fmt(rec['precision'])} over {rec['scenes']} scenes")
+    wf = rec.get("well_formed")
+    if wf:
+        print(f"  well-formed answers only: recall {fmt(wf['recall'])} precision {fmt(wf['precision'])} over {wf['scenes']} scenes "
+              f"({wf['degenerate']} of {wf['answers']} answers degenerate)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,12 +19,21 @@ the keyword lists in `CLASS_KEYWORDS` (whole words, plural "s"/"es" allowed, cas
 mean per-scene recall |annotated ∩ mentioned| / |annotated| over scenes with at least one annotated class,
 mean per-scene precision |annotated ∩ mentioned| / |mentioned| over scenes whose prediction mentions a class,
 and per-class recall (share of scenes annotating the class whose prediction mentions it).
+
+Well-formed answers (OURS, `degenerate_reason`): a keyword count flatters degenerate text ("car car car ..."
+mentions a vehicle), so `object_recall` also reports the same numbers over well-formed answers only, under
+"well_formed", with the count of degenerate answers and why. An answer is well-formed when its words (runs of
+letters, lower-cased) are at least `MIN_WORDS` = 4, at least `MIN_DISTINCT` = 3 of them distinct, the distinct
+ones at least `MIN_DISTINCT_RATIO` = 0.3 of all words, and at most `MAX_REPEATED_4GRAMS` = 0.5 of its word
+4-grams repeat an earlier one (a repetition loop). Reasons: "no_words" (empty, punctuation only), "too_short",
+"repetition_loop". Fluent answers (the references are 30-70 words) pass every test; the top-level numbers stay
+over every answer, as published.
 """
 from __future__ import annotations
 
 import math
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from eval.coda_questions import OTHER, REGION_CLASSES
 from eval.text_metrics import bleu4, cider_d, rouge_l
@@ -46,6 +55,23 @@ CLASS_KEYWORDS = {
 }
 _CLASS_RE = {c: re.compile(r"\b(?:" + "|".join(re.escape(k).replace(r"\ ", r"\s+") for k in kws) + r")(?:s|es)?\b", re.I)
              for c, kws in CLASS_KEYWORDS.items()}
+
+
+MIN_WORDS, MIN_DISTINCT, MIN_DISTINCT_RATIO, MAX_REPEATED_4GRAMS = 4, 3, 0.3, 0.5
+_WORD = re.compile(r"[a-z]+")
+
+
+def degenerate_reason(text: str) -> str | None:
+    """None for a well-formed free-text answer, else why it is degenerate (see the module docstring)."""
+    words = _WORD.findall((text or "").lower())
+    if not words:
+        return "no_words"
+    if len(words) < MIN_WORDS or len(set(words)) < MIN_DISTINCT:
+        return "too_short"
+    grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
+    if len(set(words)) < MIN_DISTINCT_RATIO * len(words) or (grams and 1 - len(set(grams)) / len(grams) > MAX_REPEATED_4GRAMS):
+        return "repetition_loop"
+    return None
 
 
 def mentioned_classes(text: str) -> set[str]:
@@ -105,6 +131,19 @@ def offline_scores(questions: list[dict], predictions: dict) -> dict:
 
 
 def object_recall(general_questions: list[dict], predictions: dict) -> dict:
+    """Recall / precision over every answer (a missing one = the empty answer), and under "well_formed" over the
+    well-formed answers only, with the count of degenerate answers (`degenerate_reason`) and their reasons."""
+    out = _recall(general_questions, predictions)
+    reasons = {q["question_id"]: degenerate_reason(predictions.get(q["question_id"], "")) for q in general_questions}
+    good = [q for q in general_questions if reasons[q["question_id"]] is None]
+    wf = _recall(good, predictions)
+    out["well_formed"] = {"answers": len(general_questions), "well_formed": len(good), "degenerate": len(general_questions) - len(good),
+                          "degenerate_reasons": dict(sorted(Counter(r for r in reasons.values() if r).items())),
+                          **{k: wf[k] for k in ("scenes", "recall", "precision")}}
+    return out
+
+
+def _recall(general_questions: list[dict], predictions: dict) -> dict:
     recalls, precisions = [], []
     per_class = defaultdict(lambda: [0, 0])  # class -> [mentioned, annotated]
     for q in general_questions:

@@ -13,7 +13,8 @@ scikit-learn MLPRegressor). Training scenes without 4 s of future are skipped an
 
 Scoring: `eval.navsim.scorer.score_scenes` with `metric` (default "epdms"), `tracking` (default False:
 the poses are scored as given, faster; True runs the LQR tracker as NAVSIM does) and the human filter;
-the pilot's "score" is `mean_score` over the held-out scenes (invalid rows count as 0).
+the pilot's "score" is `mean_score` over the held-out scenes (invalid rows count as 0), in [0, 1]
+(`FastPilot.score_bounds`).
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def constant_rollout(scene, num_poses: int = 8, interval: float = 0.5) -> np.nda
 
 class FastPilot:
     """Light planner + EPDMS on held-out scenes. See the module docstring."""
+
+    score_bounds = (0.0, 1.0)  # the range of its score (EPDMS / PDMS, a mean of per-scene scores in [0, 1]); MOSAIC bounds its predicted gain by it
 
     def __init__(self, pool, eval_ids: Sequence[str], *, model: str = "ridge", alpha: float = 1.0, metric: str = "epdms",
                  tracking: bool = False, human_filter: bool = True, num_poses: int = 8, interval: float = 0.5,

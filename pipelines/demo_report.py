@@ -7,6 +7,15 @@ Every number comes from a file a step wrote (`<step>/summary.json`, `.done.json`
 with `fmt` (4 decimals for fractions and scores), so a table cell can be checked against its source file.
 Figures: skill coverage per stage, MOSAIC scaling curves and allocation (drawn by curation/mosaic.py), the routing
 heatmap per skill (mose/routing_eval.py), training losses, scores vs the dense baseline, closed-loop results.
+
+Honesty rules of the report (OURS):
+- one colour per planner (model or reference) in every plot: `planner_color`;
+- closed loop: a crashed episode scores 0 (eval/closed_loop.py `episode_score`), recomputed from the episodes of
+  `closed_loop/<planner>.json`, the crash count next to the mean, planners ranked by that mean;
+- object recall / precision only over well-formed answers (eval/coda_scores.py `degenerate_reason`), with the
+  count of degenerate answers; a model whose answers are all degenerate gets no bar, the label "degenerate answers";
+- MOSAIC's predicted gain as bounded by the pilot metric's range (curation/scaling.py `bounded_gain`), the
+  law's raw sum beside it when clipped, and a sentence on U₀ = 0 when the base score is 0.
 """
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ import json
 import math
 import platform
 import shutil
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,6 +33,20 @@ import numpy as np
 STEP_ORDER = ("simulate", "skills", "curate", "train", "train_dense", "evaluate", "closed_loop", "report")
 MODEL_NAMES = {"mose": "MoSE", "dense": "dense baseline"}
 REF_NAMES = {"human": "human (logged future)", "pdm_closed": "PDM-Closed", "constant_velocity": "constant velocity"}
+# one colour per planner in every figure of the report (matplotlib's tab10 colours, fixed per name)
+PLANNER_COLORS = {"mose": "#1f77b4", "dense": "#ff7f0e", "human": "#2ca02c", "pdm_closed": "#9467bd", "constant_velocity": "#8c564b"}
+_OTHER_COLORS = ("#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#d62728")
+DEGENERATE = "degenerate answers"  # a plotted value: no bar, this label instead
+
+
+def planner_color(name: str) -> str:
+    """The colour of planner `name` in every plot: fixed for the known names, else chosen by a hash of the name
+    (so the same in every figure and every run)."""
+    return PLANNER_COLORS.get(name) or _OTHER_COLORS[zlib.crc32(name.encode()) % len(_OTHER_COLORS)]
+
+
+def display_name(name: str) -> str:
+    return MODEL_NAMES.get(name, REF_NAMES.get(name, name))
 
 
 def fmt(v, digits: int = 4) -> str:
@@ -97,55 +121,86 @@ def plot_stage_coverage(skills, stages, S, budgets: dict, path: Path, depth: dic
     return _save(fig, path)
 
 
-def plot_losses(train: dict, dense: dict, path: Path) -> Path:
+def losses_figure(train: dict, dense: dict):
     plt = _plt()
     stages = list(train.get("stages", {}))
     fig, axes = plt.subplots(1, max(len(stages), 1), figsize=(4.2 * max(len(stages), 1), 3.2), squeeze=False)
     for ax, st in zip(axes[0], stages):
-        for name, summ, style in (("MoSE", train, "-o"), ("dense", dense, "--s")):
+        for name, summ, style in (("mose", train, "-o"), ("dense", dense, "--s")):
             curve = np.array(summ.get("stages", {}).get(st, {}).get("loss_curve", []), dtype=float).reshape(-1, 2)
             if len(curve):
-                ax.plot(curve[:, 0], curve[:, 1], style, ms=3, label=name)
+                ax.plot(curve[:, 0], curve[:, 1], style, ms=3, label=display_name(name), color=planner_color(name))
         ax.set_title(st, fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
         ax.legend(fontsize=7)
     fig.suptitle("training loss per stage (LM + routing losses; the dense model has LM loss only)", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
-def plot_scores(ev: dict, cl: dict, path: Path) -> Path:
-    """Held-out scores and closed-loop results, MoSE vs dense (references where they exist)."""
+def plot_losses(train: dict, dense: dict, path: Path) -> Path:
+    return _save(losses_figure(train, dense), path)
+
+
+def object_recall_value(model_result: dict):
+    """The plotted object recall of a model: over well-formed answers only; DEGENERATE when every answer is degenerate
+    (nothing to score), None when not computed or no scene could be scored."""
+    wf = _get(model_result, "coda", "offline", "object_recall", "well_formed")
+    if not wf:
+        return None
+    if wf.get("answers") and wf.get("degenerate") == wf.get("answers"):
+        return DEGENERATE
+    return _num(wf.get("recall"))
+
+
+def scores_figure(ev: dict, cl_means: dict):
+    """Held-out scores and closed-loop results, MoSE vs dense (references where they exist); `cl_means`: planner ->
+    closed-loop means (crash = 0). A value None is drawn as "n/a", DEGENERATE as "degenerate answers": no bar."""
     plt = _plt()
+    from matplotlib.patches import Patch
+
     models = [m for m in ("mose", "dense") if m in ev.get("models", {})]
     panels = []
     qa = [("BLEU-4 /100 (general)", lambda r: _get(r, "coda", "offline", "general", "bleu4"), 100.0),
           ("ROUGE-L (general)", lambda r: _get(r, "coda", "offline", "general", "rouge_l"), 1.0),
-          ("CIDEr-D /10 (general)", lambda r: _get(r, "coda", "offline", "general", "cider_d"), 10.0),
-          ("object recall", lambda r: _get(r, "coda", "offline", "object_recall", "recall"), 1.0)]
-    panels.append(("CODA-style QA (held-out)", [(n, [(_num(f(ev["models"][m])) or 0.0) / s for m in models]) for n, f, s in qa], models))
+          ("CIDEr-D /10 (general)", lambda r: _get(r, "coda", "offline", "general", "cider_d"), 10.0)]
+    groups = [(n, [(_num(f(ev["models"][m])) or 0.0) / s for m in models]) for n, f, s in qa]
+    groups.append(("object recall\n(well-formed answers)", [object_recall_value(ev["models"][m]) for m in models]))
+    panels.append(("CODA-style QA (held-out)", groups, models))
     names = models + list(ev.get("references", {}))
     ep = [_get(ev["models"][m], "planning", "mean_score") if m in ev["models"] else _get(ev["references"][m], "mean_score") for m in names]
     panels.append(("EPDMS of planned trajectories (invalid = 0)", [("EPDMS", [_num(v) or 0.0 for v in ep])], names))
-    cl_names = list(cl.get("planners", {}))
-    keys = [("route completion", "route_completion"), ("crash rate", "crash_rate"), ("EPDMS (executed)", "epdms")]
-    panels.append(("closed loop", [(lab, [_num(_get(cl["planners"][p], "means", k)) or 0.0 for p in cl_names]) for lab, k in keys], cl_names))
+    cl_names = list(cl_means)
+    keys = [("route completion", "route_completion"), ("crash rate", "crash_rate"), ("EPDMS (executed,\ncrash = 0)", "epdms")]
+    panels.append(("closed loop", [(lab, [_num(cl_means[p].get(k)) for p in cl_names]) for lab, k in keys], cl_names))
     fig, axes = plt.subplots(1, len(panels), figsize=(15, 3.8))
     for ax, (title, groups, who) in zip(axes, panels):
         width = 0.8 / max(len(who), 1)
         x = np.arange(len(groups))
         for k, name in enumerate(who):
+            xs = x + (k - (len(who) - 1) / 2) * width
             vals = [g[1][k] for g in groups]
-            bars = ax.bar(x + (k - (len(who) - 1) / 2) * width, vals, width, label=MODEL_NAMES.get(name, REF_NAMES.get(name, name)))
-            for b, v in zip(bars, vals):
-                ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{v:.2f}", ha="center", va="bottom", fontsize=6)
+            drawn = [(xi, v) for xi, v in zip(xs, vals) if isinstance(v, float)]
+            if drawn:
+                bars = ax.bar([d[0] for d in drawn], [d[1] for d in drawn], width, label=display_name(name), color=planner_color(name))
+                for b, (_, v) in zip(bars, drawn):
+                    ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{v:.2f}", ha="center", va="bottom", fontsize=6)
+            for xi, v in zip(xs, vals):
+                if not isinstance(v, float):  # no bar: say why
+                    ax.text(xi, 0.02, DEGENERATE if v == DEGENERATE else "n/a", ha="center", va="bottom", fontsize=6, rotation=90,
+                            color=planner_color(name))
         ax.set_xticks(x, [g[0] for g in groups], fontsize=7, rotation=15)
+        ax.set_xlim(-0.5, len(groups) - 0.5)  # groups without bars keep their place
         ax.set_ylim(0, 1.1)
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=6)
+        ax.legend(handles=[Patch(color=planner_color(n), label=display_name(n)) for n in who], fontsize=6)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
+
+
+def plot_scores(ev: dict, cl_means: dict, path: Path) -> Path:
+    return _save(scores_figure(ev, cl_means), path)
 
 
 def plot_routing(rt: dict, depth: dict, path: Path) -> Path:
@@ -294,10 +349,22 @@ def build_report(run_dir: str | Path, out_dir: str | Path) -> dict:
             rows.append([d, dom["sizes"][i], f.get("a"), f.get("tau"), f.get("status", ""), ", ".join(f"{n}:{g:.3f}" for n, g in zip(pts.get("n", []), pts.get("gain", []))) or "-",
                          ms["allocation"].get(d)])
         md.append(table(["domain", "scenes", "a (fitted gain)", "τ (scenes)", "fit", "pilot points n:ΔU", "allocated"], rows))
-        md.append(f"ΔU = gain in the fast pilot planner's EPDMS on its held-out pilot scenes (eval/pilot.py) over the base run's "
-                  f"U₀ = {fmt(_get(ms, 'pilot', 'base_score'))} ({fmt(_get(ms, 'pilot', 'base_size'))} scenes); fitted "
-                  f"ΔU(n) = a(1 - exp(-n/τ)) per domain; predicted gain of the allocation {fmt(ms.get('predicted_gain'))}. "
+        gain, u0_note = mosaic_gain(ms)
+        if gain is None:
+            said = "predicted gain of the allocation n/a"
+        elif gain["clipped"]:
+            said = (f"predicted gain of the allocation {fmt(gain['predicted_gain'])}, the fitted laws' sum {fmt(gain['predicted_gain_raw'])} "
+                    f"clipped to what the metric allows (predicted score U₀ + gain ≤ {fmt(gain['score_bounds'][1])}; the allocation "
+                    "uses the laws as fitted)")
+        else:
+            said = f"predicted gain of the allocation {fmt(gain['predicted_gain'])}"
+        if gain is not None and gain.get("predicted_score") is not None:
+            said += f", predicted pilot score {fmt(gain['predicted_score'])}"
+        md.append(f"ΔU = gain in the fast pilot planner's EPDMS (0-1) on its held-out pilot scenes (eval/pilot.py) over the base run's "
+                  f"U₀ = {fmt(_get(ms, 'pilot', 'base_score'))} ({fmt(_get(ms, 'pilot', 'base_size'))} scenes)"
+                  f"{f' ({u0_note})' if u0_note else ''}; fitted ΔU(n) = a(1 - exp(-n/τ)) per domain; {said}. "
                   f"Domains: {dom.get('source')}. Source: `curate/{name}.header.json`.\n\n")
+        numbers[f"mosaic_{name}_predicted_gain"] = None if gain is None else gain["predicted_gain"]
         for key, label in (("fits", "MOSAIC scaling curves"), ("allocation", "MOSAIC allocation")):
             src = ms.get("plots", {}).get(key)
             if src and (run / src).is_file():
@@ -344,6 +411,12 @@ def build_report(run_dir: str | Path, out_dir: str | Path) -> dict:
     # --- results vs dense ---------------------------------------------------------------------
     md.append("## Held-out results: MoSE vs the dense baseline\n\n")
     md.append(f"{fmt(ev.get('heldout_scenes'))} held-out scenes. Both models: same manifests, stages, steps and learning rates.\n\n")
+    for m, res in (ev.get("models") or {}).items():  # runs evaluated before the well-formed counts: recomputed from its files
+        rec = _get(res, "coda", "offline", "object_recall")
+        if isinstance(rec, dict) and "well_formed" not in rec:
+            wf = _well_formed_recall(run, _get(res, "coda", "scores"))
+            if wf is not None:
+                rec["well_formed"] = wf
     md.append("### CODA-style QA (offline metrics)\n\n")
     rows = []
     for m in ("mose", "dense"):
@@ -352,9 +425,26 @@ def build_report(run_dir: str | Path, out_dir: str | Path) -> dict:
             if task in off:
                 o = off[task]
                 rows.append([MODEL_NAMES[m], task, o.get("n"), o.get("missing"), o.get("bleu4"), o.get("rouge_l"), o.get("cider_d")])
-        rec = off.get("object_recall", {})
-        rows.append([MODEL_NAMES[m], "object recall / precision", rec.get("scenes"), "", rec.get("recall"), rec.get("precision"), ""])
     md.append(table(["model", "task", "questions", "missing", "BLEU-4 (0-100)", "ROUGE-L (0-1)", "CIDEr-D (0-10)"], rows))
+    rows = []
+    for m in ("mose", "dense"):
+        if m not in ev.get("models", {}):
+            continue
+        wf = _get(ev, "models", m, "coda", "offline", "object_recall", "well_formed")
+        if not wf:
+            rows.append([MODEL_NAMES[m], "n/a", "n/a", "n/a", "n/a (not computed)", "n/a (not computed)", "-"])
+            continue
+        all_bad = bool(wf.get("answers")) and wf.get("degenerate") == wf.get("answers")
+        why = ", ".join(f"{k} {v}" for k, v in (wf.get("degenerate_reasons") or {}).items()) or "-"
+        rows.append([MODEL_NAMES[m], wf.get("answers"), f"{fmt(wf.get('degenerate'))} of {fmt(wf.get('answers'))}", wf.get("scenes"),
+                     DEGENERATE if all_bad else wf.get("recall"), DEGENERATE if all_bad else wf.get("precision"), why])
+        numbers[f"object_recall_{m}"] = None if all_bad else wf.get("recall")
+    md.append("Object recall / precision of the general-perception answers, over **well-formed answers only** (eval/coda_scores.py "
+              "`degenerate_reason`: at least 4 words, 3 of them distinct, distinct words at least 0.3 of all, at most half of the word "
+              "4-grams repeating an earlier one). A keyword count rewards degenerate text that happens to contain \"car\"; such "
+              "answers are counted here, not scored, and a model whose answers are all degenerate has no number and no bar.\n")
+    md.append(table(["model", "general answers", "degenerate answers", "scenes scored", "object recall (well-formed)",
+                     "object precision (well-formed)", "degenerate: reason (count)"], rows))
     judge = ev.get("judge")
     if judge:
         rows = []
@@ -402,27 +492,89 @@ def build_report(run_dir: str | Path, out_dir: str | Path) -> dict:
 
     # --- closed loop --------------------------------------------------------------------------
     md.append("## Closed loop (highway-env)\n\n")
+    cl_means = closed_loop_means(run, cl)
     rows = []
-    for name, p in (cl.get("planners") or {}).items():
-        mm = p.get("means", {})
-        d = p.get("decisions", {})
-        rows.append([MODEL_NAMES.get(name, REF_NAMES.get(name, name)), mm.get("episodes"), mm.get("crash_rate"), mm.get("offroad_rate"), mm.get("route_completion"),
-                     mm.get("progress_m"), mm.get("comfort"), mm.get("epdms"), mm.get("planner_failures"),
-                     f"{d.get('trajectory_parsed')}/{d.get('model_calls')}" if d else "-"])
+    for rank, name in enumerate(rank_planners(cl_means), 1):
+        mm = cl_means[name]
+        rank = str(rank) if _num(mm.get("epdms")) is not None else "-"
+        d = (cl.get("planners") or {}).get(name, {}).get("decisions", {})
+        rows.append([rank, display_name(name), mm.get("episodes"), mm.get("epdms"), f"{fmt(mm.get('crashes'))} of {fmt(mm.get('episodes'))}",
+                     mm.get("epdms_unscored"), mm.get("crash_rate"), mm.get("offroad_rate"), mm.get("route_completion"), mm.get("progress_m"),
+                     mm.get("comfort"), mm.get("planner_failures"), f"{d.get('trajectory_parsed')}/{d.get('model_calls')}" if d else "-"])
         numbers[f"closed_loop_{name}_route_completion"] = mm.get("route_completion")
-    md.append(table(["planner", "episodes", "crash rate", "offroad rate", "route completion", "progress (m)", "comfort", "EPDMS (executed)",
-                     "planner failures", "model answers with a trajectory"], rows))
-    md.append(f"Environments {', '.join(cl.get('envs', []))}, {fmt(cl.get('episodes'))} episode(s) of {fmt(cl.get('duration_s'), 1)} s per planner, same seeds "
+        numbers[f"closed_loop_{name}_epdms"] = mm.get("epdms")
+    md.append(table(["rank", "planner", "episodes", "EPDMS (executed, crash = 0)", "crashed episodes", "unscored episodes", "crash rate",
+                     "offroad rate", "route completion", "progress (m)", "comfort", "planner failures", "model answers with a trajectory"], rows))
+    md.append(f"Planners ranked by EPDMS of the executed drive, mean over episodes: a crashed episode scores 0 and is never skipped "
+              f"(eval/closed_loop.py `episode_score`, recomputed here from the episodes in `closed_loop/<planner>.json`); an episode "
+              f"without a crash that is too short for a scored scene (under 5.5 s) is unscored, left out of the mean and counted. "
+              f"Environments {', '.join(cl.get('envs', []))}, {fmt(cl.get('episodes'))} episode(s) of {fmt(cl.get('duration_s'), 1)} s per planner, same seeds "
               f"for every planner; a decision every 0.5 s. The models are asked every {fmt(_replan(cl))} decision(s) and follow the rest "
               "of their last plan in between. A decision without a readable trajectory is a planner failure: the ego brakes (eval/closed_loop.py). "
               "The models' image is drawn from the observation's lanes and agents (closed-loop observations carry no render), "
               "which approximates the simulator renders they were trained on. Source: `closed_loop/results.json`, `closed_loop/<planner>.json`.\n\n")
     if ev.get("models"):
-        figures["scores"] = str(plot_scores(ev, cl, figs / "scores_vs_dense.png").relative_to(out))
+        figures["scores"] = str(plot_scores(ev, cl_means, figs / "scores_vs_dense.png").relative_to(out))
         md.append(f"![scores vs the dense baseline]({figures['scores']})\n\n")
 
     write_text(out / "report.md", "".join(md))
     return {"report": str((out / "report.md").relative_to(run)), "figures": figures, "numbers": numbers}
+
+
+def mosaic_gain(ms: dict) -> tuple[dict | None, str]:
+    """(curation/scaling.py `bounded_gain` of a MOSAIC stage state, the note on U₀). States written before the bound
+    existed carry only the raw sum as "predicted_gain": it is bounded here by the demo pilot's range (eval/pilot.py
+    `FastPilot.score_bounds`)."""
+    from curation.mosaic import base_score_note
+    from curation.scaling import bounded_gain
+    from eval.pilot import FastPilot
+
+    pilot = ms.get("pilot") or {}
+    raw = ms.get("predicted_gain_raw", ms.get("predicted_gain"))
+    bounds = ms["score_bounds"] if "score_bounds" in ms else FastPilot.score_bounds
+    gain = None if raw is None else bounded_gain(raw, pilot.get("base_score"), bounds)
+    note = pilot["base_note"] if "base_note" in pilot else base_score_note(pilot.get("base_size", 0), pilot.get("base_score"),
+                                                                            pilot.get("base_valid_fraction"))
+    return gain, note
+
+
+def closed_loop_means(run: Path, cl: dict) -> dict:
+    """planner -> closed-loop means, recomputed from the episodes of its `closed_loop/<planner>.json` (eval/closed_loop.py
+    `episode_means`: a crash scores 0, whatever the file's older means said); the step's means where that file is missing."""
+    from eval.closed_loop import episode_means
+
+    out = {}
+    for name, p in (cl.get("planners") or {}).items():
+        path = Path(run) / p["file"] if p.get("file") else None
+        episodes = _load(path).get("episodes") if path is not None else None
+        out[name] = episode_means(episodes) if episodes else dict(p.get("means") or {})
+    return out
+
+
+def _well_formed_recall(run: Path, scores_rel: str | None) -> dict | None:
+    """eval/coda_scores.py `object_recall(...)["well_formed"]` from the questions and predictions next to a model's
+    scores.json (for runs evaluated before that block existed); None if the files are not there."""
+    from eval.coda_scores import object_recall
+
+    if not scores_rel:
+        return None
+    folder = (Path(run) / scores_rel).parent
+    files = [folder / "questions.jsonl", folder / "predictions.jsonl"]
+    if not all(f.is_file() for f in files):
+        return None
+    read = lambda f: [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]  # noqa: E731
+    questions = [q for q in read(files[0]) if q.get("task") == "general"]
+    predictions = {p["question_id"]: p.get("answer", "") for p in read(files[1])}
+    return object_recall(questions, predictions)["well_formed"]
+
+
+def rank_planners(cl_means: dict) -> list[str]:
+    """Planners by closed-loop EPDMS (crash = 0), best first; unscored planners last; equal scores keep the config order."""
+    def key(name):
+        v = _num(cl_means[name].get("epdms"))
+        return (v is None, -(v or 0.0))
+
+    return sorted(cl_means, key=key)
 
 
 def _replan(cl: dict):
@@ -440,4 +592,4 @@ def _first_answer(path: Path) -> str | None:
     return None
 
 
-__all__ = ["build_report", "fmt", "table", "stage_coverage"]
+__all__ = ["build_report", "closed_loop_means", "fmt", "object_recall_value", "planner_color", "rank_planners", "scores_figure", "losses_figure", "table", "stage_coverage"]

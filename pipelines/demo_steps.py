@@ -141,7 +141,8 @@ def curate(ctx) -> dict:
               "skills_min": sel.state["skills"]["min"], "manifest": _rel(ctx, result.manifests[name])}
         if sel.method == "mosaic":
             ms = next(iter(sel.state["method_state"].values()))
-            st["mosaic"] = {k: ms[k] for k in ("domains", "fits", "allocation", "predicted_gain", "pilot")}
+            st["mosaic"] = {k: ms[k] for k in ("domains", "fits", "allocation", "predicted_gain", "predicted_gain_raw", "predicted_gain_clipped",
+                                               "predicted_gain_note", "predicted_score", "score_bounds", "pilot") if k in ms}
             st["mosaic"]["plots"] = {k: _rel(ctx, v) for k, v in (ms.get("plots") or {}).items()}
         out["stages"][name] = st
     out["coverage"] = _rel(ctx, result.coverage_csv)

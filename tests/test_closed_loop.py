@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("highway_env")
 
 from datasets_cfg.schema import validate_row  # noqa: E402
-from eval.closed_loop import ClosedLoopResult, constant_velocity_planner, pdm_closed_planner, run_closed_loop  # noqa: E402
+from eval.closed_loop import ClosedLoopResult, constant_velocity_planner, episode_means, pdm_closed_planner, run_closed_loop  # noqa: E402
 
 
 class Recorder:
@@ -68,9 +68,31 @@ def test_pdm_closed_drives_better_than_constant_velocity():
     assert cv.episodes[0]["crashed"] and not pdm.episodes[0]["crashed"]
     assert pdm.means["crash_rate"] == 0.0 and cv.means["crash_rate"] == 1.0
     assert pdm.means["epdms"] > 0.8 > cv.means["epdms"]
+    # the crashed episode scores 0 (its scored scenes before the crash keep their own mean) and is counted
+    assert cv.episodes[0]["epdms"] == 0.0 and cv.means["epdms"] == 0.0 and cv.means["crashes"] == 1 and pdm.means["crashes"] == 0
     for m in (cv.means, pdm.means):
         assert 0.0 <= m["comfort"] <= 1.0 and 0.0 <= m["route_completion"] <= 1.0 and m["episodes"] == 1
     assert not math.isnan(pdm.episodes[0]["route_completion"])
+
+
+def _episode(crashed: bool, epdms: float) -> dict:
+    return {"crashed": crashed, "offroad": False, "route_completion": 1.0, "progress_m": 100.0, "comfort": 1.0, "epdms": epdms,
+            "planner_failures": 0}
+
+
+def test_a_crash_scores_zero_and_is_never_skipped():
+    # rows as an older run wrote them: a crash too early for a scored scene has epdms NaN. Skipping it, the planner that
+    # crashes in half its episodes would average 0.95 and beat the safe one's 0.80; counted as 0 it averages 0.475.
+    crashing = [_episode(False, 0.95), _episode(True, math.nan), _episode(False, 0.95), _episode(True, 0.90)]
+    safe = [_episode(False, 0.80)] * 4
+    m_crash, m_safe = episode_means(crashing), episode_means(safe)
+    assert m_crash["epdms"] == pytest.approx((0.95 + 0 + 0.95 + 0) / 4) and m_crash["crashes"] == 2 and m_crash["crash_rate"] == 0.5
+    assert m_safe["epdms"] == pytest.approx(0.80) and m_safe["crashes"] == 0
+    assert m_crash["epdms"] < m_safe["epdms"]
+    # an episode too short to score (no crash) is left out and counted, not scored 0
+    short = episode_means([_episode(False, 0.6), _episode(False, math.nan)])
+    assert short["epdms"] == pytest.approx(0.6) and short["epdms_unscored"] == 1 and short["crashes"] == 0
+    assert math.isnan(episode_means([_episode(False, math.nan)])["epdms"])
 
 
 def test_bad_arguments():

@@ -7,7 +7,7 @@ import pytest
 
 from eval.coda_judge import Judgement
 from eval.coda_questions import class_of
-from eval.coda_scores import judge_scores, mentioned_classes, object_recall, offline_scores
+from eval.coda_scores import degenerate_reason, judge_scores, mentioned_classes, object_recall, offline_scores
 from eval.text_metrics import bleu4, cider_d, rouge_l
 
 L2 = math.log(2.0)
@@ -85,6 +85,35 @@ def test_object_recall_hand_computation():
     assert r["scenes"] == 2 and r["recall"] == pytest.approx((2 / 3 + 0) / 2)
     assert r["precision"] == pytest.approx((2 / 3 + 0) / 2)
     assert r["per_class_recall"] == {"vehicle": 1.0, "vru": 0.0, "traffic_cone": 1.0, "barrier": 0.0}
+
+
+def test_degenerate_answers_by_the_documented_rule():
+    assert degenerate_reason("") == degenerate_reason("........") == degenerate_reason(None) == "no_words"
+    assert degenerate_reason("A bus.") == "too_short"  # 2 words < 4
+    assert degenerate_reason("car car car car car car car car") == "too_short"  # 1 distinct word < 3
+    # 12 words, 4 distinct (0.33 >= 0.3) but 5 of its 9 word 4-grams repeat an earlier one (0.56 > 0.5)
+    assert degenerate_reason("the car is ahead the car is ahead the car is ahead") == "repetition_loop"
+    # 11 words, 3 distinct: 3 / 11 = 0.27 < 0.3
+    assert degenerate_reason("car truck car truck car truck car truck car truck bus") == "repetition_loop"
+    assert degenerate_reason("A truck and two cones, also a dog.") is None
+    assert degenerate_reason("A white car ahead in the same lane slows down, so the ego car keeps its distance.") is None
+
+
+def test_object_recall_over_well_formed_answers_flags_degenerate_text():
+    # the degenerate answers mention "car": over every answer they score recall 1 and precision 1 on scene b and c
+    qs = [{"question_id": "a", "annotated_classes": ["vehicle", "vru"]},
+          {"question_id": "b", "annotated_classes": ["vehicle"]},
+          {"question_id": "c", "annotated_classes": ["vehicle"]}]
+    preds = {"a": "A white car ahead, no pedestrian on the road here.", "b": "car car car car car car", "c": "the car is ahead the car is ahead the car is ahead"}
+    r = object_recall(qs, preds)
+    assert r["recall"] == pytest.approx((1 + 1 + 1) / 3) and r["scenes"] == 3  # every answer: a mentions vehicle and vru
+    wf = r["well_formed"]
+    assert (wf["answers"], wf["well_formed"], wf["degenerate"]) == (3, 1, 2)
+    assert wf["degenerate_reasons"] == {"repetition_loop": 1, "too_short": 1}
+    assert wf["scenes"] == 1 and wf["recall"] == pytest.approx(1.0) and wf["precision"] == pytest.approx(1.0)
+    # all degenerate: nothing to score, no number
+    none = object_recall(qs[1:], preds)["well_formed"]
+    assert none["degenerate"] == none["answers"] == 2 and none["recall"] is None and none["precision"] is None and none["scenes"] == 0
 
 
 def _q(qid, task, cls=""):

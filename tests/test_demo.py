@@ -395,3 +395,149 @@ def test_step_protocol_keeps_the_last_finished_output(tmp_path, monkeypatch):
     assert run_step(step, ctx, "h2", {})["hash"] == "h2"
     assert (d / "out.txt").read_text() == "v2" and json.loads((d / "summary.json").read_text()) == {"text": "v2"}
     assert not (tmp_path / ".fake.previous").exists() and not (d / ".started.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# the report's honesty rules, on synthetic step outputs (no pipeline run)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def _cl_episode(crashed: bool, epdms: float) -> dict:
+    return {"env": "highway", "seed": 0, "crashed": crashed, "crash_time_s": 1.0 if crashed else None, "offroad": False,
+            "progress_m": 50.0, "route_completion": 0.5, "comfort": 1.0, "epdms": epdms, "planner_failures": 0}
+
+
+def test_closed_loop_table_ranks_a_crashing_planner_below_a_safe_one(tmp_path):
+    from pipelines.demo_report import build_report
+
+    run = tmp_path / "run"
+    # constant velocity crashes in half its episodes (rows as older runs wrote them: a crash before the first scored scene
+    # is NaN, a later one keeps the mean of its scenes) and scores 0.95 otherwise; PDM-Closed never crashes and scores 0.80.
+    # Skipping the NaN crashes, constant velocity would average (0.95 + 0.95 + 0.9) / 3 = 0.933 and rank first.
+    episodes = {"constant_velocity": [_cl_episode(False, 0.95), _cl_episode(True, math.nan), _cl_episode(False, 0.95), _cl_episode(True, 0.90)],
+                "pdm_closed": [_cl_episode(False, 0.80)] * 4}
+    planners = {}
+    for name, eps in episodes.items():
+        _write_json(run / "closed_loop" / f"{name}.json", {"episodes": eps, "means": {"epdms": 0.933 if name == "constant_velocity" else 0.8}})
+        planners[name] = {"means": {"episodes": 4, "epdms": 0.933 if name == "constant_velocity" else 0.8}, "file": f"closed_loop/{name}.json"}
+    _write_json(run / "closed_loop" / "summary.json", {"envs": ["highway"], "episodes": 4, "duration_s": 6.0, "planners": planners})
+    res = build_report(run, run / "report")
+    md = (run / "report" / "report.md").read_text()
+    cv = _table_row(md, "1", "crashed episodes"), _table_row(md, "2", "crashed episodes")
+    assert [r["planner"] for r in cv] == ["PDM-Closed", "constant velocity"]
+    safe, crashing = cv
+    # by hand: (0.95 + 0 + 0.95 + 0) / 4 = 0.475 < 0.80
+    assert float(crashing["EPDMS (executed, crash = 0)"]) == pytest.approx(0.475, abs=5e-5) and crashing["crashed episodes"] == "2 of 4"
+    assert float(safe["EPDMS (executed, crash = 0)"]) == pytest.approx(0.80, abs=5e-5) and safe["crashed episodes"] == "0 of 4"
+    assert res["numbers"]["closed_loop_constant_velocity_epdms"] == pytest.approx(0.475)
+
+
+def _synthetic_eval() -> dict:
+    """evaluate/summary.json of two models and three references; MoSE's general answers are all degenerate text that
+    mentions "car", the dense baseline's are well-formed and name half the annotated classes."""
+    from eval.coda_scores import object_recall
+
+    qs = [{"question_id": f"s{i}:general", "annotated_classes": ["vehicle", "vru"]} for i in range(3)]
+    preds = {"mose": {q["question_id"]: "car car car car car car car car" for q in qs},
+             "dense": {q["question_id"]: "A white car ahead in the same lane slows down, keep the distance." for q in qs}}
+    models = {}
+    for m in ("mose", "dense"):
+        off = {"general": {"n": 3, "missing": 0, "bleu4": 1.0, "rouge_l": 0.1, "cider_d": 0.1}, "object_recall": object_recall(qs, preds[m])}
+        models[m] = {"coda": {"offline": off}, "planning": {"scenes": 3, "valid": 3, "invalid": 0, "mean_score": 0.5}}
+    refs = {r: {"scenes": 3, "valid": 3, "invalid": 0, "mean_score": v} for r, v in (("human", 0.9), ("pdm_closed", 0.8), ("constant_velocity", 0.7))}
+    return {"heldout_scenes": 3, "models": models, "references": refs}
+
+
+def _artist_colours(fig) -> dict:
+    """label -> set of RGBA colours of the bars and lines drawn under that label, over every axes of `fig`."""
+    from matplotlib.colors import to_rgba
+
+    out: dict = {}
+    for ax in fig.axes:
+        for c in ax.containers:
+            for p in c.patches:
+                out.setdefault(c.get_label(), set()).add(tuple(np.round(p.get_facecolor(), 6)))
+        for ln in ax.lines:
+            if not ln.get_label().startswith("_"):
+                out.setdefault(ln.get_label(), set()).add(tuple(np.round(to_rgba(ln.get_color()), 6)))
+    return out
+
+
+def test_one_colour_per_planner_in_every_panel_and_figure():
+    from matplotlib.colors import to_rgba
+
+    from pipelines.demo_report import losses_figure, planner_color, scores_figure
+
+    ev = _synthetic_eval()
+    # the closed-loop panel lists the planners in another order than the EPDMS panel (constant velocity 3rd, not 5th)
+    cl = {m: {"route_completion": 0.5, "crash_rate": 0.0, "epdms": 0.6} for m in ("mose", "dense", "constant_velocity", "pdm_closed")}
+    scores = scores_figure(ev, cl)
+    curve = {"stages": {"align": {"loss_curve": [[1, 3.0], [2, 2.5]]}}}
+    losses = losses_figure(curve, curve)
+    panels_with_cv = [ax for ax in scores.axes if any(c.get_label() == "constant velocity" and c.patches for c in ax.containers)]
+    assert len(panels_with_cv) == 2
+    s, l = _artist_colours(scores), _artist_colours(losses)
+    for label, key in (("MoSE", "mose"), ("dense baseline", "dense"), ("human (logged future)", "human"), ("PDM-Closed", "pdm_closed"),
+                       ("constant velocity", "constant_velocity")):
+        assert s[label] == {tuple(np.round(to_rgba(planner_color(key)), 6))}, label  # one colour in every panel
+    assert s["MoSE"] == l["MoSE"] and s["dense baseline"] == l["dense baseline"]  # and the same in the other figure
+    assert len({planner_color(k) for k in ("mose", "dense", "human", "pdm_closed", "constant_velocity")}) == 5
+    import matplotlib.pyplot as plt
+
+    plt.close(scores)
+    plt.close(losses)
+
+
+def test_object_recall_of_degenerate_answers_is_flagged_not_plotted(tmp_path):
+    from pipelines.demo_report import build_report, scores_figure
+
+    ev = _synthetic_eval()
+    assert ev["models"]["mose"]["coda"]["offline"]["object_recall"]["recall"] == 0.5  # what a keyword count would report
+    fig = scores_figure(ev, {})
+    qa = fig.axes[0]
+    recall_x = list(qa.get_xticks())[3]
+    bars = {c.get_label(): [p for p in c.patches if abs(p.get_x() + p.get_width() / 2 - recall_x) < 0.45] for c in qa.containers}
+    assert bars.get("MoSE", []) == []  # no bar for the model whose answers are all degenerate
+    assert [round(p.get_height(), 6) for p in bars["dense baseline"]] == [0.5]  # well-formed: vehicle of {vehicle, vru}
+    assert "degenerate answers" in [t.get_text() for t in qa.texts]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    run = tmp_path / "run"
+    _write_json(run / "evaluate" / "summary.json", ev)
+    build_report(run, run / "report")
+    md = (run / "report" / "report.md").read_text()
+    mose = _table_row(md, "MoSE", "object recall (well-formed)")
+    assert mose["object recall (well-formed)"] == mose["object precision (well-formed)"] == "degenerate answers"
+    assert mose["degenerate answers"] == "3 of 3" and mose["scenes scored"] == "0"
+    dense = _table_row(md, "dense baseline", "object recall (well-formed)")
+    assert float(dense["object recall (well-formed)"]) == 0.5 and float(dense["object precision (well-formed)"]) == 1.0
+    assert dense["degenerate answers"] == "0 of 3"
+
+
+def test_mosaic_predicted_gain_is_bounded_and_u0_zero_explained(tmp_path):
+    from pipelines.demo_report import build_report
+
+    # a stage state as written before the bound existed: the laws' raw sum 1.06 on the pilot's 0-1 EPDMS, U0 = 0
+    ms = {"domains": {"source": "kmeans", "names": ["c0", "c1"], "sizes": [10, 10]},
+          "fits": {"c0": {"a": 0.6, "tau": 5.0, "status": "ok"}, "c1": {"a": 0.5, "tau": 5.0, "status": "ok"}},
+          "allocation": {"c0": 10, "c1": 10}, "predicted_gain": 1.06, "pilot": {"base_size": 8, "base_score": 0.0, "points": {}}}
+    run = tmp_path / "run"
+    _write_json(run / "curate" / "summary.json", {"stages": {"skill_tune": {"method": "mosaic", "mosaic": ms}}})
+    res = build_report(run, run / "report")
+    md = (run / "report" / "report.md").read_text()
+    assert res["numbers"]["mosaic_skill_tune_predicted_gain"] == 1.0  # 1 - U0
+    assert "predicted gain of the allocation 1.0000, the fitted laws' sum 1.0600 clipped" in md
+    assert "predicted gain of the allocation 1.06" not in md
+    assert "U₀ = 0: the pilot trained on the 8 base scenes scored 0 on every held-out pilot scene" in md
+    # a state with the bound recorded is reported as recorded, nothing clipped, no note on a non-zero U0
+    ms.update(predicted_gain=0.04, predicted_gain_raw=0.04, predicted_gain_clipped=False, score_bounds=[0.0, 1.0])
+    ms["pilot"].update(base_score=0.93, base_note="")
+    _write_json(run / "curate" / "summary.json", {"stages": {"skill_tune": {"method": "mosaic", "mosaic": ms}}})
+    build_report(run, run / "report")
+    line = next(l for l in (run / "report" / "report.md").read_text().splitlines() if l.startswith("ΔU = "))
+    assert "predicted gain of the allocation 0.0400, predicted pilot score 0.9700" in line and "clipped" not in line and "U₀ = 0:" not in line

@@ -8,10 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from curation.features import ArrayPool
-from curation.mosaic import MOSAIC
-from curation.scaling import allocate, allocate_heap, brmr, fit_saturating, marginal_gain, saturating
+from curation.mosaic import MOSAIC, base_score_note
+from curation.scaling import allocate, allocate_heap, bounded_gain, brmr, fit_saturating, marginal_gain, predicted_gain, saturating
 from curation.selection import PilotError, Selection, SelectionError
-
 
 # ---------------------------------------------------------------------------------------------- allocation
 
@@ -242,3 +241,69 @@ def _nan_equal(a, b):
     from curation.selection import _jsonable
 
     return json.dumps(_jsonable(a), sort_keys=True) == json.dumps(_jsonable(b), sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------- the reported gain
+
+
+def test_bounded_gain_respects_the_metric_range():
+    # the issue's case: laws summing to 1.06 on a 0-1 metric from U0 = 0 -> at most 1 - 0 = 1
+    g = bounded_gain(1.06, 0.0, (0.0, 1.0))
+    assert g["predicted_gain"] == 1.0 and g["predicted_gain_raw"] == 1.06 and g["clipped"] and g["predicted_score"] == 1.0
+    assert "1.06" in g["note"] and "clipped" in g["note"]
+    g = bounded_gain(0.3, 0.9, (0.0, 1.0))  # 0.9 + 0.3 > 1 -> gain 0.1
+    assert g["predicted_gain"] == pytest.approx(0.1) and g["clipped"] and g["predicted_score"] == pytest.approx(1.0)
+    g = bounded_gain(0.05, 0.9, (0.0, 1.0))  # inside the range: as fitted, nothing said
+    assert g["predicted_gain"] == 0.05 and not g["clipped"] and g["note"] == "" and g["predicted_score"] == pytest.approx(0.95)
+    g = bounded_gain(3.5, None, (0.0, 1.0))  # no base run (known fits): at most the range
+    assert g["predicted_gain"] == 1.0 and g["clipped"] and g["predicted_score"] is None
+    g = bounded_gain(3.5, 0.2, None)  # unknown bounds: unbounded, and said
+    assert g["predicted_gain"] == 3.5 and not g["clipped"] and g["score_bounds"] is None and "unknown" in g["note"]
+    with pytest.raises(ValueError, match="lo < hi"):
+        bounded_gain(0.1, 0.0, (1.0, 0.0))
+
+
+def test_u0_notes():
+    assert "empty" in base_score_note(0, 0.0) and "0 by construction" in base_score_note(0, 0.0)
+    n = base_score_note(8, 0.0, 0.25)
+    assert n.startswith("U₀ = 0: the pilot trained on the 8 base scenes scored 0") and "25%" in n
+    assert base_score_note(8, 0.93) == "" and "not measured" in base_score_note(0, None)
+
+
+class BoundedLawPilot(FakeLawPilot):
+    """A pilot on a 0-1 metric whose per-domain laws add up to more than 1: its score saturates at 1."""
+
+    score_bounds = (0.0, 1.0)
+    A = (0.6, 0.5, 0.4)
+
+    def fit_and_score(self, ids):
+        self.calls.append(list(ids))
+        counts = np.bincount([self.domain_of[i] for i in ids], minlength=3)
+        return {"score": float(min(1.0, np.sum(saturating(counts, np.array(self.A), np.array(TRUE["tau"])))))}
+
+
+class UnboundedLawPilot(BoundedLawPilot):
+    score_bounds = None
+
+
+def test_mosaic_reports_a_bounded_gain_and_explains_u0_but_allocates_as_fitted():
+    pool, dom = law_pool()
+    kw = dict(domain_key="location", pilot_base=0, pilot_sizes=[5, 10, 20, 40, 80, 160, 300], progress=False, random_state=1)
+    sel = MOSAIC(**kw).select(pool, 150, pilot=BoundedLawPilot(dom, noise=0.0))
+    raw = MOSAIC(**kw).select(pool, 150, pilot=UnboundedLawPilot(dom, noise=0.0))
+    st, st_raw = sel.state, raw.state
+    # each domain alone stays under 1 (a <= 0.6), so the pilots are exact; the allocation is the laws' own
+    assert st["allocation"] == st_raw["allocation"] and sel.ids == raw.ids
+    fits = st["fits"]
+    law_sum = predicted_gain([fits[f"loc{d}"]["a"] for d in range(3)], [fits[f"loc{d}"]["tau"] for d in range(3)],
+                             [st["allocation"][f"loc{d}"] for d in range(3)])
+    assert law_sum > 1.0 and st["predicted_gain_raw"] == pytest.approx(law_sum) == st_raw["predicted_gain"]
+    assert st["pilot"]["base_score"] == 0.0 and st["predicted_gain"] == 1.0 and st["predicted_gain_clipped"] and st["predicted_score"] == 1.0
+    assert st["score_bounds"] == [0.0, 1.0] and "clipped" in st["predicted_gain_note"]
+    assert "base set is empty" in st["pilot"]["base_note"]
+    assert st_raw["score_bounds"] is None and not st_raw["predicted_gain_clipped"]
+    # bounds given to the selector win over the pilot's; bad bounds are refused
+    given = MOSAIC(domain_key="location", fits=[{"a": 1, "tau": 5}] * 3, score_bounds=[0, 100], progress=False).select(pool, 30)
+    assert given.state["score_bounds"] == [0.0, 100.0] and not given.state["predicted_gain_clipped"]
+    with pytest.raises(SelectionError, match="score_bounds"):
+        MOSAIC(domain_key="location", fits=[{"a": 1, "tau": 5}] * 3, score_bounds=[1, 0]).select(pool, 30)
