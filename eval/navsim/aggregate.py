@@ -14,19 +14,19 @@ def multiplicative_product(sub: dict, version: str) -> np.ndarray:
 
 
 def normalise_progress(raw: np.ndarray, multiplier: np.ndarray, threshold: float) -> np.ndarray:
-    """EP for runs scored together: raw progress times the multiplicative product, divided by the largest such
-    value; if that largest value is <= threshold (5 m) every run gets 1 (0 where the product is 0).
+    """EP for runs scored together, as the devkit since v2.1 (navsim
+    navsim/planning/simulation/planner/pdm_planner/scoring/pdm_scorer.py:229-238, `_aggregate_pdm_scores`):
+    normaliser = max over runs of raw progress x that run's multiplicative product; if it is > threshold (5 m),
+    EP = clip(raw / normaliser, 0, 1), else every run gets 1.
 
-    As upstream, a run's own product enters its EP (an NC 0.5 run gets at most 0.5), so EP is not simply
-    raw / normaliser when the run itself was penalised.
+    The run's own product does not enter its numerator (that was the v1.1/v2.0 formula), so an NC = 0.5 run
+    that drove as far as the best run still gets EP 1, and a run scored alone always gets 1.
     """
-    rp = np.asarray(raw, float) * np.asarray(multiplier, float)
-    top = rp.max() if len(rp) else 0.0
+    raw = np.asarray(raw, float)
+    top = float(np.max(raw * np.asarray(multiplier, float))) if len(raw) else 0.0
     if top > threshold:
-        return rp / top
-    ep = np.ones(len(rp))
-    ep[np.asarray(multiplier) == 0.0] = 0.0
-    return ep
+        return np.clip(raw / top, 0.0, 1.0)
+    return np.ones(len(raw))
 
 
 def score_row(row: dict, version: str) -> float:

@@ -23,7 +23,7 @@ import numpy as np
 import shapely
 
 from eval.navsim import aggregate, metrics
-from eval.navsim.config import DEFAULT, VX, X, Y, Protocol
+from eval.navsim.config import DEFAULT, VX, Protocol, X, Y
 from eval.navsim.geometry import boxes_distance, ego_boxes
 from eval.navsim.observation import constant_velocity
 from eval.navsim.simulate import track
