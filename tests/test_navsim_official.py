@@ -66,6 +66,16 @@ def test_ep_formula_on_hand_numbers():
     np.testing.assert_array_equal(aggregate.normalise_progress(np.array([3.0, 4.0]), np.array([1.0, 0.0]), 5.0), [1.0, 1.0])
 
 
+def test_pdms_keeps_the_v1_1_formula():
+    # PDMS (v1) is scored as v1.1 (pdm_scorer.py at tag v1.1, lines 165-173): EP = raw x product / max(raw x product).
+    # raw [40, 30], product [0.5, 1]: masked [20, 30] -> v1 EP [20/30, 1]; v2 EP [clip(40/30), 30/30] = [1, 1]
+    raw, prod = np.array([40.0, 30.0]), np.array([0.5, 1.0])
+    np.testing.assert_allclose(aggregate.normalise_progress(raw, prod, 5.0, "v1"), [2 / 3, 1.0])
+    np.testing.assert_allclose(aggregate.normalise_progress(raw, prod, 5.0, "v2"), [1.0, 1.0])
+    # below the threshold v1.1 gives 0 to a product-0 run, v2 gives 1
+    np.testing.assert_array_equal(aggregate.normalise_progress(np.array([3.0, 4.0]), np.array([1.0, 0.0]), 5.0, "v1"), [1.0, 0.0])
+
+
 def test_cone_on_the_road():
     # A cone (static object) at x = 40 in the ego lane. The agent keeps 10 m/s: rear axle 0 -> 40 m, it hits the
     # cone (static -> NC 0.5) and the cone is dead ahead (TTC 0). PDM-Closed's reference drives 7 m/s and stops short

@@ -171,7 +171,7 @@ def _score_batch(work, rows, cache, version, metric, tracking, human_filter, num
         obs = ctx.observation_for(version)
         sub = metrics.submetrics(states[:2], ctx, obs, protocol, version, history=ctx.history if version == "v2" else None)
         multi = aggregate.multiplicative_product(sub, version)
-        ep = aggregate.normalise_progress(sub["progress_raw"], multi, sp.progress_distance_threshold)
+        ep = aggregate.normalise_progress(sub["progress_raw"], multi, sp.progress_distance_threshold, version)
         row = {"token": ctx.id, "valid": True, "reason": ""}
         cols = V2_COLUMNS if version == "v2" else V2_COLUMNS + ("comfort",)
         for k in cols:
@@ -188,7 +188,7 @@ def _score_batch(work, rows, cache, version, metric, tracking, human_filter, num
                 hsub = metrics.submetrics(states[2:3], ctx, obs, protocol, version, history=None)
                 hmulti = aggregate.multiplicative_product(hsub, version)
                 hrow = {k: float(hsub[k][0]) for k in V2_COLUMNS if k in hsub}
-                hrow["ego_progress"] = float(aggregate.normalise_progress(hsub["progress_raw"], hmulti, sp.progress_distance_threshold)[0])
+                hrow["ego_progress"] = float(aggregate.normalise_progress(hsub["progress_raw"], hmulti, sp.progress_distance_threshold, version)[0])
                 cache[hkey] = hrow
             if cache[hkey] is not None:
                 filtered, lifted = aggregate.apply_human_filter(row, cache[hkey], [c for c in V2_COLUMNS if c != "two_frame_extended_comfort"])
