@@ -2,8 +2,9 @@
 as oriented boxes, and red traffic lights as lane-connector polygons.
 
 Two ways to build it, as in NAVSIM:
-- `log_replay`: the logged future (2 Hz boxes) linearly interpolated to 10 Hz between a track's first and
-  last observation (heading along the shortest turn); a track observed once is held for the whole horizon;
+- `log_replay`: the logged future (the 2 Hz boxes at t = 0..4 s, as the devkit's metric cache; 0..5 s for PDMS)
+  linearly interpolated to 10 Hz between a track's first and last observation (heading along the shortest turn);
+  a track observed once is held for the whole horizon;
   tracks already overlapping the ego at t = 0 are dropped (v2 log replay). This is what the scorer uses.
 - `constant_velocity`: only the current frame, extrapolated with each agent's velocity and refreshed every
   2nd step, within `map_radius`; this is what PDM-Closed sees when it plans its reference trajectory.

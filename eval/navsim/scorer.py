@@ -17,9 +17,10 @@ Decisions the spec leaves to us (documented here and in the rows):
   `mean_score` counts invalid rows as 0 (a missing prediction must not raise the mean); pass
   `valid_only=True` for the mean over valid rows.
 - EC (v2) needs the same log's frame 0.5 s earlier (meta "log_name", "timestamp_s"; at most 0.55 s back, as
-  upstream) among `scenes`, with a valid trajectory; otherwise EC is NaN and its weight is dropped (/14).
-- The human run gets HC = 1 and no EC (upstream scores the human without its past, and the filter runs before
-  EC exists), so the filter can lift NC, DAC, DDC, TLC, EP, TTC and LK.
+  upstream) among `scenes`, with a valid trajectory, both original (`source == "real"`, as the one-stage devkit
+  pairs ORIGINAL frames only); otherwise EC is NaN and its weight is dropped (/14).
+- The human run (always the logged 8 x 0.5 s future) is scored alone, as upstream: its EP is 1, HC = 1 (no past)
+  and no EC, so the filter can lift NC, DAC, DDC, TLC, TTC and LK.
 """
 from __future__ import annotations
 
