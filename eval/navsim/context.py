@@ -108,8 +108,9 @@ class SceneContext:
         lane_ids = tuple(lanes)
         kinds = [a["kind"] for a in row["map"]["areas"] if len(a["polygon"]) >= 3]
         # The drivable area is the roadblock, intersection and carpark polygons only: roadblock connectors are
-        # not in it (navsim .../pdm_planner/observation/pdm_occupancy_map.py:134-186 builds the drivable-area map
-        # from those three layers), so a corner that only a connector covers is off the drivable area.
+        # not in it (navsim .../pdm_planner/observation/pdm_occupancy_map.py:134-186 adds roadblock connectors only
+        # through their lane connectors; .../scoring/pdm_scorer.py:321-328 tests the corners against ROADBLOCK,
+        # INTERSECTION, DRIVABLE_AREA and CARPARK_AREA polygons), so a corner that only a connector covers is off it.
         drivable = [r for r, k in zip(areas, kinds) if k in DRIVABLE_AREA_KINDS]
         if not drivable:
             raise SceneError(f"scene has no drivable-area polygons of kind {'/'.join(DRIVABLE_AREA_KINDS)} (map.areas; roadblock connectors do not count)")
