@@ -143,6 +143,11 @@ def test_cli_scores_an_agent_and_writes_the_official_columns(pool_dir, tmp_path,
     assert summary["valid"] == 3 and summary["invalid"] == 1
     assert float(by["average_all_frames"]["score"]) == pytest.approx(sum(float(r["score"]) for r in rows[:4]) / 4)
     assert summary["score"] == pytest.approx(float(by["average_all_frames"]["score"]), abs=1e-6)
+    # the official mean skips the invalid row (the devkit's NaN row, run_pdm_score_one_stage.py:293): 3 valid rows
+    valid_mean = sum(float(r["score"]) for r in rows[:4] if r["valid"] == "True") / 3
+    assert summary["score_official"] == pytest.approx(valid_mean, abs=1e-6) and summary["invalid_in_pool"] == 1
+    assert float(by["average_all_frames"]["score_valid_only"]) == pytest.approx(valid_mean)
+    assert by["average_all_frames"]["invalid_rows"] == "1" and by["nomap"]["score_valid_only"] == ""
     # the saved predictions score identically through --predictions
     out2 = tmp_path / "again.csv"
     assert main(["eval", "navsim", "--pool", str(pool_dir), "--predictions", str(tmp_path / "cv.json"), "--out", str(out2), "--no-progress"]) == 0

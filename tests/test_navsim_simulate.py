@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from common.geometry import wrap_angle
-from eval.navsim.config import DEFAULT, HEADING, STATE_SIZE, VX, X, Y
+from eval.navsim.config import HEADING, STATE_SIZE, VX, X, Y
 from eval.navsim.simulate import initial_state, interpolate_poses, reference_profiles, simulate, track
 
 
@@ -20,9 +20,9 @@ def devkit_profiles(poses, dt, jerk_penalty, curvature_rate_penalty):
     A = np.repeat(col[..., None] * dt**2, M, axis=2)
     A[..., 0] = col * dt
     A[:, np.repeat(np.triu(np.ones((M, M), bool), k=1), 2, axis=0)] = 0.0
-    band = np.zeros((M - 2, M - 1))
-    band[:, 1:] += np.eye(M - 2)
-    band[:, :-1] -= np.eye(M - 2)
+    # the devkit's jerk regulariser (navsim .../simulation/batch_lqr_utils.py:59-70): two band ASSIGNMENTS, the
+    # second overwriting the first's +1 entries except the last one -> -I with one +1 (see the literal below)
+    band = devkit_band(M - 2)
     R = np.hstack([np.zeros((M - 2, 1)), band])
     At = A.transpose(0, 2, 1)
     x = np.einsum("bij,bj->bi", np.linalg.pinv(At @ A + jerk_penalty * R.T @ R) @ At, y)
@@ -36,6 +36,19 @@ def devkit_profiles(poses, dt, jerk_penalty, curvature_rate_penalty):
     z = np.einsum("bij,bj->bi", np.linalg.pinv(Ct @ C + Q) @ Ct, dh)
     kappa = z[:, :1] + np.concatenate([np.zeros((B, 1)), np.cumsum(z[:, 1:] * dt, 1)], 1)
     return v, kappa
+
+
+def devkit_band(n):
+    """The matrix `_make_banded_difference_matrix(n)` returns (navsim batch_lqr_utils.py:66-70): zeros (n, n+1),
+    then [:, 1:] = I, then [:, :-1] = -I (assignment): -1 on the diagonal, 0 above it, except +1 at (n-1, n)."""
+    out = -np.eye(n, n + 1)
+    out[n - 1, n] = 1.0
+    return out
+
+
+def test_devkit_band_matrix_literal():
+    # worked by hand from the three assignments for n = 3
+    np.testing.assert_array_equal(devkit_band(3), [[-1, 0, 0, 0], [0, -1, 0, 0], [0, 0, -1, 1]])
 
 
 def random_paths(n, rng, T=41, dt=0.1):
@@ -85,11 +98,13 @@ def test_tracking_a_straight_constant_speed_reference_is_exact():
 
 
 def test_tracking_a_curve_stays_close_and_turns():
+    # the official start state has steering 0 even in a curve (navsim_scenario_utils.py:34-46), so the tracker
+    # needs a steering transient first: the path drifts outwards by well under a metre, then converges
     k = 0.02  # 50 m radius at 10 m/s
     ref = _line(10.0, k=k)[None]
     st = track(ref, initial_state(np.zeros(3), 10.0, 0.0, 10.0 * 10.0 * k, 10.0 * k)[None])
     err = np.hypot(*(st[0, :, :2] - ref[0, :, :2]).T)
-    assert err.max() < 0.3
+    assert err.max() < 1.0 and err[-1] < err.max()
     assert abs(wrap_angle(st[0, -1, HEADING] - ref[0, -1, 2])) < 0.05
 
 
@@ -120,10 +135,9 @@ def test_batches_are_independent():
 
 
 @pytest.mark.parametrize("speed", [0.1, 5.0])
-def test_initial_state_steering_matches_logged_yaw_rate(speed):
-    s = initial_state(np.array([1.0, 2.0, 0.3]), speed, 0.5, 0.0, 0.2)
-    L = DEFAULT.vehicle.wheel_base
-    if speed < 0.5:
-        assert s[7] == 0.0
-    else:
-        assert speed * np.tan(s[7]) / L == pytest.approx(0.2)
+def test_initial_state_is_the_devkits(speed):
+    # navsim_scenario_utils.py:34-46: EgoState.build_from_rear_axle(pose, tire_steering_angle=0, velocity (vx, vy),
+    # acceleration (ax, ay)); its angular velocity / acceleration are 0 (pdm_array_representation.py:73-91 reads
+    # them into the state array). The logged yaw rate (0.2) must not leak in.
+    s = initial_state(np.array([1.0, 2.0, 0.3]), speed, 0.5, -0.25, 0.2, speed_lat=0.03)
+    np.testing.assert_array_equal(s, [1.0, 2.0, 0.3, speed, 0.03, 0.5, -0.25, 0.0, 0.0, 0.0, 0.0])

@@ -13,20 +13,28 @@ def multiplicative_product(sub: dict, version: str) -> np.ndarray:
     return np.prod([np.asarray(sub[k], float) for k in keys], axis=0)
 
 
-def normalise_progress(raw: np.ndarray, multiplier: np.ndarray, threshold: float) -> np.ndarray:
-    """EP for runs scored together: raw progress times the multiplicative product, divided by the largest such
-    value; if that largest value is <= threshold (5 m) every run gets 1 (0 where the product is 0).
+def normalise_progress(raw: np.ndarray, multiplier: np.ndarray, threshold: float, version: str = "v2") -> np.ndarray:
+    """EP for runs scored together (the agent and PDM-Closed; or PDM-Closed's own proposals).
 
-    As upstream, a run's own product enters its EP (an NC 0.5 run gets at most 0.5), so EP is not simply
-    raw / normaliser when the run itself was penalised.
+    v2 (EPDMS), as the devkit since v2.1 (navsim navsim/planning/simulation/planner/pdm_planner/scoring/
+    pdm_scorer.py:229-238, `_aggregate_pdm_scores`): normaliser = max over runs of raw progress x that run's
+    multiplicative product; if it is > threshold (5 m), EP = clip(raw / normaliser, 0, 1), else every run gets 1.
+    The run's own product does not enter its numerator, so an NC = 0.5 run that drove as far as the best run
+    still gets EP 1, and a run scored alone always gets 1.
+
+    v1 (PDMS), as v1.1 (same file at tag v1.1, lines 165-173, `_aggregate_scores`): EP = raw x product / the
+    largest such value; below the threshold 1, and 0 where the product is 0.
     """
-    rp = np.asarray(raw, float) * np.asarray(multiplier, float)
-    top = rp.max() if len(rp) else 0.0
+    raw = np.asarray(raw, float)
+    masked = raw * np.asarray(multiplier, float)
+    top = float(np.max(masked)) if len(raw) else 0.0
+    if version == "v1":
+        if top > threshold:
+            return masked / top
+        return np.where(np.asarray(multiplier) == 0.0, 0.0, 1.0)
     if top > threshold:
-        return rp / top
-    ep = np.ones(len(rp))
-    ep[np.asarray(multiplier) == 0.0] = 0.0
-    return ep
+        return np.clip(raw / top, 0.0, 1.0)
+    return np.ones(len(raw))
 
 
 def score_row(row: dict, version: str) -> float:

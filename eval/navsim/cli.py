@@ -3,7 +3,8 @@
     mose eval navsim --pool DIR --predictions FILE --out scores.csv [--metric pdms|epdms] [--no-tracking]
     mose eval navsim --pool DIR --agent constant_velocity|human|pdm_closed --out scores.csv
 
-Prints a JSON summary (mean score, valid / invalid counts with reasons) and writes the per-scene CSV with the
+Prints a JSON summary (mean score with invalid rows as 0, the official mean that skips them, valid / invalid
+counts with reasons) and writes the per-scene CSV with the
 official v2 columns and an average row. Tokens in the predictions that are not in the pool become invalid rows
 ("token not in the pool", listed but not averaged); pool scenes without a prediction are invalid rows that
 count as 0 in the mean.
@@ -80,7 +81,10 @@ def run(args) -> int:
     summary = {
         "metric": args.metric, "tracking": "lqr" if not args.no_tracking else "as_given", "scenes": len(scenes),
         "valid": sum(r["valid"] for r in rows), "invalid": sum(not r["valid"] for r in rows), "invalid_reasons": dict(reasons),
-        "score": None if math.isnan(avg["score"]) else round(avg["score"], 6), "out": str(Path(args.out)),
+        "score": None if math.isnan(avg["score"]) else round(avg["score"], 6),
+        "score_official": None if math.isnan(avg["score_valid_only"]) else round(avg["score_valid_only"], 6),
+        "score_note": "score: invalid rows count as 0 (ours); score_official: invalid rows skipped, as the devkit's NaN mean",
+        "invalid_in_pool": avg["invalid_rows"], "out": str(Path(args.out)),
     }
     print(json.dumps(summary, indent=2))
     return 0

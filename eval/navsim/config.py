@@ -73,9 +73,14 @@ class ScorerParams:
     dt: float = 0.1  # simulation step [s]
     horizon_s: float = 4.0  # scored horizon [s] -> 41 states
     ego_stopped_speed: float = 5e-2  # NC: ego counts as stopped at or below this speed [m/s]
-    track_stopped_speed: float = 5e-3  # NC: agent counts as stopped at or below this speed [m/s]
+    # NC: an agent counts as stopped at or below this speed [m/s]. nuPlan's default: is_track_stopped
+    # (nuplan-devkit nuplan/planning/simulation/observation/idm/utils.py:191-202, 5e-02), called without a threshold by
+    # navsim .../pdm_planner/scoring/pdm_scorer_utils.py:44. Evaluated on the object's speed at the contact step.
+    track_stopped_speed: float = 5e-2
     rear_angle_deg: float = 150.0  # "behind" beyond this angle from the ego heading (rear axle)
-    ahead_angle_deg: float = 20.0  # "ahead" within this angle
+    # TTC: "ahead" within this angle of the ego heading (rear axle) [deg]: nuPlan's is_agent_ahead default
+    # (nuplan-devkit .../observation/idm/utils.py:33-41, 30), called without a tolerance by pdm_scorer.py:566.
+    ahead_angle_deg: float = 30.0
     driving_direction_horizon: float = 1.0  # DDC window [s]
     driving_direction_compliance_threshold: float = 2.0  # [m]
     driving_direction_violation_threshold: float = 6.0  # [m]
@@ -90,6 +95,16 @@ class ScorerParams:
     map_radius: float = 100.0  # objects farther than this from the ego at t=0 are ignored [m]
     history_s: float = 1.5  # HC prepends this much logged past [s]
     ec_frame_gap_max: float = 0.55  # EC: previous frame at most this far back in the same log [s]
+    # Log replay keeps the 2 Hz frames at t = 0, 0.5, ..., horizon_s only, as the metric cache
+    # (navsim .../metric_caching/metric_cache_processor.py:116-125). None: every future frame of the scene.
+    # v2 reads the frames up to horizon_s (4 s); the v1.1 metric cache read them up to 5 s
+    # (navsim v1.1 navsim/planning/metric_caching/metric_cache_processor.py:101, time_horizon = 5.0).
+    agent_frame_interval: float | None = 0.5
+    agent_frame_horizon_v1: float = 5.0
+    # The human-filter run always uses the logged future at 8 x 0.5 s, whatever the agent's sampling
+    # (metric_cache_processor.py:288-311: the human trajectory is sampled at the scene's 2 Hz database interval).
+    human_num_poses: int = 8
+    human_interval: float = 0.5
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,11 @@ import numpy as np
 from common.errors import MoseError
 from common.geometry import wrap_angle
 from eval.navsim import observation as obs_mod
-from eval.navsim.config import AX, AY, DEFAULT, HEADING, STATE_SIZE, VX, YAW_ACCEL, YAW_RATE, Protocol, VehicleParams, X, Y
+from eval.navsim.config import AX, AY, DEFAULT, HEADING, STATE_SIZE, VX, Protocol, VehicleParams, X, Y
 from eval.navsim.geometry import PolygonSet, Polyline, ego_boxes
 from eval.navsim.simulate import initial_state
+
+DRIVABLE_AREA_KINDS = ("roadblock", "intersection", "carpark")  # map.areas kinds that make up the drivable area
 
 
 class SceneError(MoseError, ValueError):
@@ -79,6 +81,9 @@ class SceneContext:
     observation: obs_mod.Observation
     vehicle: VehicleParams  # ego footprint: the protocol's (Pacifica), or the scene's own from meta "ego_size"
     scene: object = field(repr=False, default=None)
+    _replay_v1: tuple | None = field(repr=False, default=None)
+    _protocol: Protocol = field(repr=False, default=DEFAULT)
+    _observation_v1: obs_mod.Observation | None = field(repr=False, default=None)
 
     @classmethod
     def build(cls, scene, protocol: Protocol = DEFAULT) -> "SceneContext":
@@ -102,20 +107,33 @@ class SceneContext:
         centerline = route_centerline(lanes_all, route, scene.ego_pose())
         lane_ids = tuple(lanes)
         kinds = [a["kind"] for a in row["map"]["areas"] if len(a["polygon"]) >= 3]
+        # The drivable area is the roadblock, intersection and carpark polygons only: roadblock connectors are
+        # not in it (navsim .../pdm_planner/observation/pdm_occupancy_map.py:134-186 adds roadblock connectors only
+        # through their lane connectors; .../scoring/pdm_scorer.py:321-328 tests the corners against ROADBLOCK,
+        # INTERSECTION, DRIVABLE_AREA and CARPARK_AREA polygons), so a corner that only a connector covers is off it.
+        drivable = [r for r, k in zip(areas, kinds) if k in DRIVABLE_AREA_KINDS]
+        if not drivable:
+            raise SceneError(f"scene has no drivable-area polygons of kind {'/'.join(DRIVABLE_AREA_KINDS)} (map.areas; roadblock connectors do not count)")
         map_index = MapIndex(
             lanes=[lanes[i] for i in lane_ids],
             lane_ids=lane_ids,
             lane_on_route=np.array([i in on_route for i in lane_ids], dtype=bool),
-            drivable=areas,
+            drivable=drivable,
             intersections=[r for r, k in zip(areas, kinds) if k == "intersection"],
         )
 
         ci = scene.current_index
         pose = scene.ego_pose()
-        init = initial_state(pose, float(ego["speed"][ci]), float(ego["accel"][ci]), float(ego["accel_lat"][ci]), float(ego["yaw_rate"][ci]), protocol)
+        vy = scene.meta.get("ego_vy")  # NAVSIM's logged lateral speed (ego frame), if the source kept it
+        speed_lat = float(vy[ci]) if isinstance(vy, (list, tuple)) and len(vy) == len(ego["t"]) else 0.0
+        init = initial_state(pose, float(ego["speed"][ci]), float(ego["accel"][ci]), float(ego["accel_lat"][ci]), protocol=protocol, speed_lat=speed_lat)
         corners0, center0 = ego_boxes(init, veh)
         num_steps = int(round((sp.horizon_s + sp.ttc_horizon) / sp.dt)) + 1  # TTC looks 0.9 s past the last step (v1)
-        observation = obs_mod.log_replay(scene, corners0, on_route, lanes, num_steps, sp.dt, sp.track_stopped_speed)
+        observation = obs_mod.log_replay(scene, corners0, on_route, lanes, num_steps, sp.dt, sp.track_stopped_speed,
+                                         frame_interval=sp.agent_frame_interval, frame_horizon=sp.horizon_s)
+        replay_v1 = None
+        if sp.agent_frame_interval is not None and sp.agent_frame_horizon_v1 != sp.horizon_s:
+            replay_v1 = (corners0, num_steps)
 
         # speed limit of the route lane under the ego (else the nearest route lane)
         speed_limit = np.nan
@@ -137,8 +155,20 @@ class SceneContext:
             id=scene.id, source=row["source"], log_name=str(meta.get("log_name", "")), timestamp_s=None if ts is None else float(ts),
             origin=pose, initial=init, history=_history_states(scene, sp.history_s, sp.dt), map=map_index, centerline=centerline,
             on_route=on_route, lanes=lanes, speed_limit=float(speed_limit) if speed_limit is not None else np.nan,
-            observation=observation, vehicle=veh, scene=scene,
+            observation=observation, vehicle=veh, scene=scene, _replay_v1=replay_v1, _protocol=protocol,
         )
+
+    def observation_for(self, version: str) -> obs_mod.Observation:
+        """The log-replay observation of a metric version: v2 (and v1 when the frame horizons agree) is
+        `observation`; v1 reads the 2 Hz frames up to 5 s, as the v1.1 metric cache (built once, on first use)."""
+        if version == "v2" or self._replay_v1 is None:
+            return self.observation
+        if self._observation_v1 is None:
+            sp = self._protocol.scorer
+            corners0, num_steps = self._replay_v1
+            self._observation_v1 = obs_mod.log_replay(self.scene, corners0, self.on_route, self.lanes, num_steps, sp.dt, sp.track_stopped_speed,
+                                                      frame_interval=sp.agent_frame_interval, frame_horizon=sp.agent_frame_horizon_v1)
+        return self._observation_v1
 
 
 def scene_vehicle(scene, default: VehicleParams) -> VehicleParams:
@@ -181,7 +211,10 @@ def route_centerline(lanes_all: list, route: list, pose: np.ndarray, join_tol: f
 def _history_states(scene, history_s: float, dt: float) -> np.ndarray:
     """Logged ego states at -history_s, ..., -2*dt (the devkit drops the last sample before now), every dt.
 
-    Times before the first logged frame are skipped. Accelerations are the logged ones (rear axle).
+    Times before the first logged frame are skipped. Accelerations are the logged ones (rear axle). Angular
+    velocity and acceleration are 0, as in the devkit's past states (built like the initial state, with steering
+    0: navsim navsim/planning/scenario_builder/navsim_scenario_utils.py:34-46), so the comfort check's shift of
+    the accelerations to the box centre is zero over the history.
     """
     e = scene.row["ego"]
     t = np.asarray(e["t"], float)
@@ -199,8 +232,6 @@ def _history_states(scene, history_s: float, dt: float) -> np.ndarray:
     out[:, VX] = np.interp(times, t, np.asarray(e["speed"], float))
     out[:, AX] = np.interp(times, t, np.asarray(e["accel"], float))
     out[:, AY] = np.interp(times, t, np.asarray(e["accel_lat"], float))
-    out[:, YAW_RATE] = np.interp(times, t, np.asarray(e["yaw_rate"], float))
-    out[:, YAW_ACCEL] = np.gradient(out[:, YAW_RATE], dt) if len(times) > 1 else 0.0
     return out
 
 

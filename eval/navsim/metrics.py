@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import shapely
 
-from eval.navsim.config import HEADING, VX, VY, X, Y, Protocol
+from eval.navsim.config import HEADING, VX, VY, Protocol, X, Y
 from eval.navsim.geometry import boxes_intersect, ego_boxes, relative_angle, segments_intersect_boxes
 from eval.navsim.observation import Observation
 
@@ -64,7 +64,12 @@ def no_at_fault_collisions(g: EgoGeometry, obs: Observation, protocol: Protocol)
     behind = relative_angle(g.rear[p, t], g.heading[p, t], ox[t, n]) > np.deg2rad(sp.rear_angle_deg)
     front = segments_intersect_boxes(g.corners[p, t, 0], g.corners[p, t, 1], oc[t, n])
     lateral_at_fault = g.flags["multiple_lanes"][p, t] | g.flags["non_drivable"][p, t]
-    at_fault = ~ego_stopped & (obs.stopped[n] | (~behind & (front | lateral_at_fault)))
+    # object stopped: not an agent, or an agent whose speed at this step is <= 0.05 m/s (nuPlan's is_track_stopped,
+    # nuplan-devkit nuplan/planning/simulation/observation/idm/utils.py:191-202, called at
+    # navsim .../pdm_planner/scoring/pdm_scorer_utils.py:44 on the interpolated object of that step)
+    v = obs.velocity[t, n]
+    obj_stopped = ~obs.is_agent[n] | (np.hypot(v[:, 0], v[:, 1]) <= sp.track_stopped_speed)
+    at_fault = ~ego_stopped & (obj_stopped | (~behind & (front | lateral_at_fault)))
     first = _first_per_pair(p, n, t)
     fp, fn, fault = p[first], n[first], at_fault[first]
     penalty = np.where(obs.is_agent[fn], 0.0, 0.5)
@@ -139,6 +144,8 @@ def time_to_collision(g: EgoGeometry, obs: Observation, protocol: Protocol, last
     obj_xy = obs.xy[tk[s, k], n]
     ang = relative_angle(g.rear[p, s], g.heading[p, s], obj_xy)
     risky_area = g.flags["multiple_lanes"][p, s] | g.flags["non_drivable"][p, s] | g.flags["rear_in_intersection"][p, s]
+    # ahead within 30 deg (nuPlan's is_agent_ahead default, nuplan-devkit .../observation/idm/utils.py:33-41, as
+    # navsim pdm_scorer.py:566 calls it), or not behind (> 150 deg) while in a risky area
     fail = (ang < np.deg2rad(sp.ahead_angle_deg)) | (risky_area & ~(ang > np.deg2rad(sp.rear_angle_deg)))
     first = _first_per_pair(p, n, s * len(offsets) + k)
     ttc[p[first][fail[first]]] = 0.0

@@ -2,8 +2,9 @@
 as oriented boxes, and red traffic lights as lane-connector polygons.
 
 Two ways to build it, as in NAVSIM:
-- `log_replay`: the logged future (2 Hz boxes) linearly interpolated to 10 Hz between a track's first and
-  last observation (heading along the shortest turn); a track observed once is held for the whole horizon;
+- `log_replay`: the logged future (the 2 Hz boxes at t = 0..4 s, as the devkit's metric cache; 0..5 s for PDMS)
+  linearly interpolated to 10 Hz between a track's first and last observation (heading along the shortest turn);
+  a track observed once is held for the whole horizon;
   tracks already overlapping the ego at t = 0 are dropped (v2 log replay). This is what the scorer uses.
 - `constant_velocity`: only the current frame, extrapolated with each agent's velocity and refreshed every
   2nd step, within `map_radius`; this is what PDM-Closed sees when it plans its reference trajectory.
@@ -29,7 +30,7 @@ class Observation:
     track_id: np.ndarray  # (N,) str
     category: np.ndarray  # (N,) str
     is_agent: np.ndarray  # (N,) bool: vehicle / pedestrian / bicycle (collisions cost 0 instead of 0.5)
-    stopped: np.ndarray  # (N,) bool: static category or first-seen speed <= track_stopped_speed
+    stopped: np.ndarray  # (N,) bool: static category or first-seen speed <= track_stopped_speed (NC uses the speed at the contact step)
     valid: np.ndarray  # (T, N) bool: the object exists at this step
     xy: np.ndarray  # (T, N, 2) box centre
     heading: np.ndarray  # (T, N)
@@ -88,12 +89,31 @@ def _red_lights(scene, lanes: dict, on_route: set, frame_times: np.ndarray, step
     return PolygonSet([np.asarray(lanes[i], float) for i in lane_ids]), active, tuple(lane_ids)
 
 
+def replay_frames(t_ego: np.ndarray, frame_interval: float | None, frame_horizon: float | None) -> np.ndarray:
+    """Indices of the frames log replay reads objects from: with `frame_interval`, the frame nearest to each of
+    t = 0, interval, ..., frame_horizon (within interval / 4), as the devkit's metric cache reads the 2 Hz frames
+    at t = 0..4 s only (navsim navsim/planning/metric_caching/metric_cache_processor.py:116-125); else every
+    frame from now on."""
+    fut = np.flatnonzero(t_ego >= -1e-6)
+    if frame_interval is None or len(fut) == 0:
+        return fut
+    horizon = np.inf if frame_horizon is None else frame_horizon
+    targets = np.arange(0, int(np.floor(min(horizon, t_ego[fut][-1] + frame_interval) / frame_interval + 1e-9)) + 1) * frame_interval
+    tf = t_ego[fut]
+    near = np.abs(tf[None, :] - targets[:, None])
+    j = np.argmin(near, axis=1)
+    ok = near[np.arange(len(targets)), j] <= frame_interval / 4
+    return np.unique(fut[j[ok]])
+
+
 def log_replay(scene, ego_corners0: np.ndarray, on_route: set, lanes: dict, num_steps: int = 41, dt: float = 0.1,
-               track_stopped_speed: float = 5e-3) -> Observation:
+               track_stopped_speed: float = 5e-2, frame_interval: float | None = None, frame_horizon: float | None = None) -> Observation:
     """Logged future objects of `scene` at `dt` for `num_steps` steps from the current frame.
 
     `ego_corners0` (4, 2) is the ego box at t = 0 (objects overlapping it are dropped); `lanes` maps lane
     id -> polygon ring; `on_route` is the set of on-route lane ids (red lights elsewhere are ignored).
+    `frame_interval` / `frame_horizon`: read objects from the frames at 0, interval, ..., horizon only
+    (`replay_frames`); objects do not exist past the last frame read.
     """
     t_ego = np.asarray(scene["ego"]["t"], float)
     step_times = np.arange(num_steps) * dt
@@ -101,7 +121,7 @@ def log_replay(scene, ego_corners0: np.ndarray, on_route: set, lanes: dict, num_
     frame = np.asarray(a["frame"], dtype=np.int64)
     fields = _empty(num_steps)
     lengths = widths = first_v = np.zeros(0)
-    fut = np.flatnonzero(t_ego >= -1e-6)  # frames from now on
+    fut = replay_frames(t_ego, frame_interval, frame_horizon)  # frames from now on
     sel = np.flatnonzero(np.isin(frame, fut)) if len(frame) else np.zeros(0, np.int64)
     if len(sel):
         tid = np.asarray(a["track_id"], dtype=object)[sel]
@@ -164,7 +184,7 @@ def log_replay(scene, ego_corners0: np.ndarray, on_route: set, lanes: dict, num_
 
 
 def constant_velocity(scene, ego_corners0: np.ndarray, ego_center0: np.ndarray, on_route: set, lanes: dict, num_steps: int = 41,
-                      dt: float = 0.1, map_radius: float = 100.0, sample_res: int = 2, track_stopped_speed: float = 5e-3) -> Observation:
+                      dt: float = 0.1, map_radius: float = 100.0, sample_res: int = 2, track_stopped_speed: float = 5e-2) -> Observation:
     """PDM-Closed's forecast: current-frame objects moved with their velocity, refreshed every `sample_res` steps."""
     ag = scene.agents_at()
     keep = np.linalg.norm(ag.xy - ego_center0[None], axis=1) <= map_radius if len(ag) else np.zeros(0, bool)

@@ -23,7 +23,7 @@ import numpy as np
 import shapely
 
 from eval.navsim import aggregate, metrics
-from eval.navsim.config import DEFAULT, VX, X, Y, Protocol
+from eval.navsim.config import DEFAULT, VX, Protocol, X, Y
 from eval.navsim.geometry import boxes_distance, ego_boxes
 from eval.navsim.observation import constant_velocity
 from eval.navsim.simulate import track
@@ -239,7 +239,7 @@ def generate_proposals(ctx, protocol: Protocol = DEFAULT, obs=None) -> np.ndarra
 def proposal_scores(sub: dict, version: str, threshold: float) -> np.ndarray:
     """PDM scores of proposals scored together (v2 without EC; HC as given)."""
     multi = aggregate.multiplicative_product(sub, version)
-    ep = aggregate.normalise_progress(sub["progress_raw"], multi, threshold)
+    ep = aggregate.normalise_progress(sub["progress_raw"], multi, threshold, version)
     if version == "v2":
         w = 5 * ep + 5 * sub["time_to_collision_within_bound"] + 2 * sub["lane_keeping"] + 2 * sub["history_comfort"]
         return multi * w / 14.0

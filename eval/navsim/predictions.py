@@ -213,7 +213,7 @@ def write_scores_csv(path, rows: Sequence[dict], average: dict) -> Path:
     """The official v2 columns (token, valid, sub-metrics, score), then ours; last row = `average`."""
     cols = ["token", "valid", *V2_COLUMNS, "score"]
     extra = ["comfort"] if any("comfort" in r for r in rows) else []
-    extra += ["tracking", "metric", "reason", "human_filter_lifted"]
+    extra += ["tracking", "metric", "reason", "human_filter_lifted", "score_valid_only", "invalid_rows"]  # the last two: average row only
 
     def fmt(v):
         if isinstance(v, float):

@@ -17,9 +17,10 @@ Decisions the spec leaves to us (documented here and in the rows):
   `mean_score` counts invalid rows as 0 (a missing prediction must not raise the mean); pass
   `valid_only=True` for the mean over valid rows.
 - EC (v2) needs the same log's frame 0.5 s earlier (meta "log_name", "timestamp_s"; at most 0.55 s back, as
-  upstream) among `scenes`, with a valid trajectory; otherwise EC is NaN and its weight is dropped (/14).
-- The human run gets HC = 1 and no EC (upstream scores the human without its past, and the filter runs before
-  EC exists), so the filter can lift NC, DAC, DDC, TLC, EP, TTC and LK.
+  upstream) among `scenes`, with a valid trajectory, both original (`source == "real"`, as the one-stage devkit
+  pairs ORIGINAL frames only); otherwise EC is NaN and its weight is dropped (/14).
+- The human run (always the logged 8 x 0.5 s future) is scored alone, as upstream: its EP is 1, HC = 1 (no past)
+  and no EC, so the filter can lift NC, DAC, DDC, TLC, TTC and LK.
 """
 from __future__ import annotations
 
@@ -98,7 +99,6 @@ def score_scenes(
     sp = protocol.scorer
     steps = int(round(sp.horizon_s / sp.dt))
     cache = reference_cache if reference_cache is not None else ReferenceCache()
-    mode = "lqr" if tracking else "as_given"
 
     rows: list[dict | None] = [None] * len(scenes)
     work = []  # (index, ctx, agent poses)
@@ -134,6 +134,7 @@ def score_scenes(
         row.pop("_states", None)
         row.pop("_time", None)
         row.pop("_log", None)
+        row.pop("_original", None)
     return rows
 
 
@@ -147,12 +148,15 @@ def _score_batch(work, rows, cache, version, metric, tracking, human_filter, num
     for i, ctx, poses in work:
         key = ("pdm_closed", ctx.id, version, protocol)
         runs = [cache[key], local_to_global(interpolate_poses(poses[None], interval, steps, sp.dt)[0], ctx.origin)]
-        hkey = ("human", ctx.id, version, tracking, num_poses, interval, protocol)
+        # the human run is always the logged future at 8 x 0.5 s, whatever the agent's sampling
+        # (navsim .../metric_caching/metric_cache_processor.py:288-311)
+        hn, hdt = sp.human_num_poses, sp.human_interval
+        hkey = ("human", ctx.id, version, tracking, hn, hdt, protocol)
         want_human = version == "v2" and human_filter and ctx.source == "real"
         if want_human and hkey not in cache:
             try:
-                h = ctx.scene.future_trajectory(num_poses, interval, frame="ego")
-                runs.append(local_to_global(interpolate_poses(h[None], interval, steps, sp.dt)[0], ctx.origin))
+                h = ctx.scene.future_trajectory(hn, hdt, frame="ego")
+                runs.append(local_to_global(interpolate_poses(h[None], hdt, steps, sp.dt)[0], ctx.origin))
             except ValueError:
                 cache[hkey] = None  # the log is too short for a human trajectory: no filter
         humans[i] = hkey if want_human else None
@@ -165,9 +169,10 @@ def _score_batch(work, rows, cache, version, metric, tracking, human_filter, num
     for (i, ctx, _), n in zip(work, owners):
         states = states_all[start:start + n]
         start += n
-        sub = metrics.submetrics(states[:2], ctx, ctx.observation, protocol, version, history=ctx.history if version == "v2" else None)
+        obs = ctx.observation_for(version)
+        sub = metrics.submetrics(states[:2], ctx, obs, protocol, version, history=ctx.history if version == "v2" else None)
         multi = aggregate.multiplicative_product(sub, version)
-        ep = aggregate.normalise_progress(sub["progress_raw"], multi, sp.progress_distance_threshold)
+        ep = aggregate.normalise_progress(sub["progress_raw"], multi, sp.progress_distance_threshold, version)
         row = {"token": ctx.id, "valid": True, "reason": ""}
         cols = V2_COLUMNS if version == "v2" else V2_COLUMNS + ("comfort",)
         for k in cols:
@@ -179,26 +184,30 @@ def _score_batch(work, rows, cache, version, metric, tracking, human_filter, num
         hkey = humans[i]
         if hkey is not None:
             if hkey not in cache:
-                hsub = metrics.submetrics(states[2:3], ctx, ctx.observation, protocol, version, history=None)
+                # the human is scored alone, without its past (navsim navsim/evaluate/pdm_score.py:171-193): its EP is
+                # normalised by its own progress, so it is always 1 and never lifts the agent's EP
+                hsub = metrics.submetrics(states[2:3], ctx, obs, protocol, version, history=None)
                 hmulti = aggregate.multiplicative_product(hsub, version)
                 hrow = {k: float(hsub[k][0]) for k in V2_COLUMNS if k in hsub}
-                hrow["ego_progress"] = float(aggregate.normalise_progress(hsub["progress_raw"], hmulti, sp.progress_distance_threshold)[0])
+                hrow["ego_progress"] = float(aggregate.normalise_progress(hsub["progress_raw"], hmulti, sp.progress_distance_threshold, version)[0])
                 cache[hkey] = hrow
             if cache[hkey] is not None:
                 filtered, lifted = aggregate.apply_human_filter(row, cache[hkey], [c for c in V2_COLUMNS if c != "two_frame_extended_comfort"])
                 row.update(filtered)
         row.update(score=0.0, tracking="lqr" if tracking else "as_given", metric=metric, human_filter_lifted=",".join(lifted))
         row["_states"] = states[1]
-        row["_log"], row["_time"] = ctx.log_name, ctx.timestamp_s
+        row["_log"], row["_time"], row["_original"] = ctx.log_name, ctx.timestamp_s, ctx.source == "real"
         rows[i] = row
 
 
 def _two_frame_comfort(scenes, rows, protocol: Protocol) -> None:
-    """EC for every valid row whose log has a valid row at most 0.55 s earlier (the closest one)."""
+    """EC for every valid original row whose log has a valid original row at most 0.55 s earlier (the closest
+    one). As the one-stage devkit (navsim navsim/planning/script/run_pdm_score_one_stage.py:142), only ORIGINAL
+    frames (our `source == "real"`) are paired: a synthetic scene gets EC NaN and the /14 weighting."""
     sp = protocol.scorer
     by_log = defaultdict(list)
     for j, row in enumerate(rows):
-        if row["valid"] and row.get("_log") and row.get("_time") is not None:
+        if row["valid"] and row.get("_original") and row.get("_log") and row.get("_time") is not None:
             by_log[row["_log"]].append((row["_time"], j))
     pairs = []
     for entries in by_log.values():
@@ -266,7 +275,9 @@ def mean_score(rows: Sequence[dict], valid_only: bool = False) -> float:
 
 
 def average_row(rows: Sequence[dict], metric: str = "epdms") -> dict:
-    """The CSV's last row: column means over valid rows (NaN skipped), the score mean over all rows."""
+    """The CSV's last row: column means over valid rows (NaN skipped), the score mean over all rows (invalid = 0,
+    ours), plus `score_valid_only` (the official mean: the devkit's invalid rows are NaN and `mean(skipna=True)`
+    skips them, navsim navsim/planning/script/run_pdm_score_one_stage.py:118-122, 293) and `invalid_rows`."""
     cols = V2_COLUMNS + (("comfort",) if metric == "pdms" else ())
     out = {"token": "average_all_frames", "valid": all(r["valid"] for r in rows), "reason": ""}
     for k in cols:
@@ -274,4 +285,6 @@ def average_row(rows: Sequence[dict], metric: str = "epdms") -> dict:
         vals = vals[~np.isnan(vals)]
         out[k] = float(vals.mean()) if len(vals) else math.nan
     out["score"] = mean_score(rows) if rows else math.nan
+    out["score_valid_only"] = mean_score(rows, valid_only=True) if any(r["valid"] for r in rows) else math.nan
+    out["invalid_rows"] = sum(not r["valid"] for r in rows)
     return out

@@ -60,9 +60,13 @@ def _velocity_fit_matrix(num_disp: int, dt: float, jerk_penalty: float) -> np.nd
     C = np.zeros((M, M))
     C[:, 0] = dt
     C[:, 1:] = np.tril(np.ones((M, M - 1)), k=-1) * dt**2  # column j (a_{j-1}) acts on displacement i >= j
+    # The jerk regulariser as the devkit builds it (navsim .../pdm_planner/simulation/batch_lqr_utils.py:59-70,
+    # `_make_banded_difference_matrix`, used at :116-117): the two band assignments overwrite each other, so the
+    # matrix is -I with a single +1 at the end of its last row, not a first difference. We keep that: the
+    # regulariser then penalises the accelerations themselves, which is what shapes the official velocity fit.
     D = np.zeros((M - 2, M - 1))
-    D[:, 1:] += np.eye(M - 2)
-    D[:, :-1] -= np.eye(M - 2)
+    D[:, :-1] = -np.eye(M - 2)
+    D[-1, -1] = 1.0
     R = np.hstack([np.zeros((M - 2, 1)), D])
     return np.linalg.pinv(C.T @ C + jerk_penalty * R.T @ R) @ C.T
 
@@ -230,21 +234,18 @@ def states_from_poses(poses: np.ndarray, initial: np.ndarray, dt: float = 0.1) -
     return states
 
 
-def initial_state(pose: np.ndarray, speed: float, accel: float, accel_lat: float, yaw_rate: float, protocol: Protocol = DEFAULT) -> np.ndarray:
-    """(11,) state at t=0 from the logged ego status.
-
-    The devkit builds it with steering 0 and yaw rate 0; we start with the steering angle that matches the
-    logged yaw rate (kinematic bicycle: tan(steer) = yaw_rate * wheel_base / speed), so a trajectory that is
-    already turning does not begin with a spurious steering transient. At low speed (< 0.5 m/s) the steering
-    stays 0, as upstream.
+def initial_state(pose: np.ndarray, speed: float, accel: float, accel_lat: float, yaw_rate: float = 0.0, protocol: Protocol = DEFAULT,
+                  speed_lat: float = 0.0) -> np.ndarray:
+    """(11,) state at t=0 from the logged ego status, as the devkit builds it: rear-axle pose, velocity
+    (vx, vy) and acceleration (ax, ay) from the log, steering angle 0, steering rate 0, angular velocity and
+    acceleration 0 (navsim navsim/planning/scenario_builder/navsim_scenario_utils.py:34-46 builds the EgoState
+    with tire_steering_angle=0; navsim .../pdm_planner/utils/pdm_array_representation.py:73-91 reads it into the
+    state array). `yaw_rate` (the logged one) is accepted and ignored, so callers need not know this.
     """
-    L, tp = protocol.vehicle.wheel_base, protocol.tracker
+    del yaw_rate, protocol
     s = np.zeros(STATE_SIZE)
     s[X:HEADING + 1] = pose
-    s[VX], s[AX], s[AY] = speed, accel, accel_lat
-    if abs(speed) >= 0.5:
-        s[STEER] = np.clip(np.arctan(yaw_rate * L / speed), -tp.max_steering_angle, tp.max_steering_angle)
-    s[YAW_RATE] = speed * np.tan(s[STEER]) / L
+    s[VX], s[VY], s[AX], s[AY] = speed, speed_lat, accel, accel_lat
     return s
 
 
