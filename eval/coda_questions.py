@@ -14,10 +14,16 @@ A row contributes (see datasets_cfg/sources/coda_lm.py for the qa layout):
 
 The question text always comes from the prompt set (own or official), so every scene is asked the same way.
 
-Region classes (the official 7, from the official region judge script): ``category_name`` -> class by
-`CATEGORY_TO_CLASS` (the official table plus the ScenePool agent categories "czone_sign" and "generic_object");
-the general-perception keys map by `GENERAL_KEY_TO_CLASS`. Names in neither (and empty
-ones) go to the class "other", which is reported separately instead of being dropped as upstream does.
+Region classes, two views of a region question's ``category_name``:
+
+- ``official_class`` (what the scores use): the official table `OFFICIAL_CATEGORY_TO_CLASS`, an exact,
+  case-sensitive name lookup (DLUT-LYZ/CODA-LM@24544cc evaluation/stage3_eval_batch.py:49-70: "Car" is not
+  "car", and the table spells "suitcace"); a name outside it gets None and, as upstream, the question counts in
+  no class and not in the region score (stage3_eval_batch.py:243-279 loops over the 7 classes only).
+- ``class`` (our extended view, scores.json ``region_extended`` with ``--region-extended``): `class_of`, the
+  official table plus a few names (lower-cased, "suitcase", "van", the class names themselves, the ScenePool
+  agent categories "czone_sign" and "generic_object", the general-perception keys of `GENERAL_KEY_TO_CLASS`);
+  names it does not know go to the class "other".
 """
 from __future__ import annotations
 
@@ -31,6 +37,18 @@ from pathlib import Path
 from datasets_cfg.sources.coda_lm import CodaFormatError, check_box, image_size
 
 REGION_CLASSES = ("vehicle", "vru", "traffic_sign", "traffic_light", "traffic_cone", "barrier", "miscellaneous")
+# The official table, name for name (evaluation/stage3_eval_batch.py:50-58, DLUT-LYZ/CODA-LM@24544cc).
+OFFICIAL_CATEGORY_TO_CLASS = {
+    **dict.fromkeys(["car", "truck", "tram", "tricycle", "bus", "trailer", "construction_vehicle", "recreational_vehicle"], "vehicle"),
+    **dict.fromkeys(["pedestrian", "cyclist", "bicycle", "moped", "motorcycle", "stroller", "wheelchair", "cart"], "vru"),
+    **dict.fromkeys(["warning_sign", "traffic_sign"], "traffic_sign"),
+    "traffic_light": "traffic_light",
+    "traffic_cone": "traffic_cone",
+    **dict.fromkeys(["barrier", "bollard"], "barrier"),
+    **dict.fromkeys(["dog", "cat", "sentry_box", "traffic_box", "traffic_island", "debris", "suitcace", "dustbin", "concrete_block",
+                     "machinery", "chair", "phone_booth", "basket", "cardboard", "carton", "garbage", "garbage_bag", "plastic_bag", "stone",
+                     "tire", "misc"], "miscellaneous"),
+}
 CATEGORY_TO_CLASS = {
     **dict.fromkeys(["car", "truck", "tram", "tricycle", "bus", "trailer", "construction_vehicle", "recreational_vehicle", "vehicle", "van"], "vehicle"),
     **dict.fromkeys(["pedestrian", "cyclist", "bicycle", "moped", "motorcycle", "stroller", "wheelchair", "cart", "vru"], "vru"),
@@ -49,6 +67,11 @@ GENERAL_KEY_TO_CLASS = {
     "traffic_cones": "traffic_cone", "barriers": "barrier", "other_objects": "miscellaneous",
 }
 OTHER = "other"
+
+
+def official_class_of(category: str) -> str | None:
+    """The official class of a category name (exact lookup in the official table), None when upstream drops it."""
+    return OFFICIAL_CATEGORY_TO_CLASS.get(category)
 
 
 def class_of(category: str) -> str:
@@ -153,7 +176,7 @@ class QuestionBuilder:
         boxed = {im["camera"].split("_box:", 1)[1]: im["path"] for im in row["images"] if "_box:" in im["camera"]}
         for q in (q for q in qa if q["task"] == "region"):
             rec = {**base, "question_id": q["qid"], "task": "region", "reference": q["answer"], "category": q["category"],
-                   "class": class_of(q["category"])}
+                   "class": class_of(q["category"]), "official_class": official_class_of(q["category"])}
             if len(q["box"]):
                 box = check_box([float(v) for v in q["box"]], size, f"scene {sid}", f"qa[{q['qid']}].box")
                 rec["box"] = box

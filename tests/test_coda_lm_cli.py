@@ -58,7 +58,10 @@ def test_scores_match_hand_computed_means_and_ids_not_order(root, tmp_path, caps
     js = results[0]["judge_scores"]
     assert js == results[1]["judge_scores"]
     assert (js["general"]["score"], js["region"]["score"], js["suggestion"]["score"]) == (65.0, 50.0, 80.0)
-    assert js["final"] == {"score": pytest.approx(65.0), "score_failures_as_1": pytest.approx(65.0)}
+    assert js["final"] == {"score": pytest.approx(65.0), "score_failures_as_1": pytest.approx(65.0),
+                           "mean_rating": pytest.approx(6.5), "mean_rating_failures_as_1": pytest.approx(6.5)}
+    assert (js["general"]["mean_rating"], js["region"]["mean_rating"], js["suggestion"]["mean_rating"]) == (6.5, 5.0, 8.0)  # 1-10, official
+    assert set(js["scale"]) == {"mean_rating", "score"} and results[0]["partial"]["partial"] is False
     per_class = js["region"]["per_class"]
     assert (per_class["traffic_cone"]["score"], per_class["miscellaneous"]["score"], per_class["vehicle"]["score"]) == (80.0, 35.0, 20.0)
     assert per_class["vru"]["questions"] == 0 and "other" not in per_class
@@ -69,7 +72,8 @@ def test_scores_match_hand_computed_means_and_ids_not_order(root, tmp_path, caps
     assert s["offline"]["general"]["n"] == 2 and s["offline"]["region"]["missing"] == 0
     assert 0 <= s["offline"]["general"]["rouge_l"] <= 1 and s["offline"]["object_recall"]["scenes"] == 2
     assert (tmp_path / "a/scores.png").stat().st_size > 0
-    assert "final       65.00" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "final       mean  6.50 /10 = score 65.00" in printed and "general     n=2" in printed and "PARTIAL" not in printed
 
 
 def test_failures_are_counted_and_scored_as_one(root, tmp_path):
@@ -84,7 +88,9 @@ def test_failures_are_counted_and_scored_as_one(root, tmp_path):
         return 200, rating_from_prediction(body), 0
 
     with FakeJudge(behave) as fake:
-        assert main(_args(root, _preds(tmp_path / "p.jsonl", answers), tmp_path / "o", "--judge-url", fake.url, "--judge-model", "m")) == 0
+        assert main(_args(root, _preds(tmp_path / "p.jsonl", answers), tmp_path / "o", "--judge-url", fake.url, "--judge-model", "m",
+                          "--allow-partial")) == 0  # a failed item and a missing prediction: the run goes on
+    assert _scores(tmp_path / "o")["partial"] == {"partial": True, "missing_predictions": 1, "questions": 9}
     js = _scores(tmp_path / "o")["judge_scores"]
     g, r, s = js["general"], js["region"], js["suggestion"]
     assert (g["judged"], g["unparseable"], g["score"], g["score_failures_as_1"]) == (1, 1, 50.0, 30.0)  # [5]; (5+1)/2
@@ -146,7 +152,7 @@ def test_bad_predictions(root, tmp_path, capsys, case, line, reason):
     err = capsys.readouterr().err
     assert f"p.jsonl:{n}" in err and ("question_id" in err or "answer" in err or "malformed" in err), err
     assert not (tmp_path / "o/scores.json").exists()
-    assert main(_args(root, preds, tmp_path / "o", "--skip-invalid")) == 0
+    assert main(_args(root, preds, tmp_path / "o", "--skip-invalid", "--allow-partial")) == 0
     s = _scores(tmp_path / "o")
     assert s["inputs"]["predictions_skipped"]["skipped_by_reason"] == {reason: 1}
     assert s["offline"]["general"]["missing"] == 1  # test_0002:general never had a valid prediction: counted, not dropped
@@ -157,9 +163,9 @@ def test_endpoint_down(root, tmp_path, capsys):
     with free_port_url() as url:
         rc = main(_args(root, preds, tmp_path / "o", "--judge-url", url, "--judge-model", "m", "--judge-workers", "1"))
     assert rc == 1
-    assert "looks down" in capsys.readouterr().err
+    assert "cannot be reached" in capsys.readouterr().err
     s = _scores(tmp_path / "o")  # offline metrics are still there, and every judgement is counted as failed
-    assert s["judge"]["endpoint_down"] and s["judge"]["requests"] == 3 * 2
+    assert s["judge"]["endpoint_down"] and s["judge"]["requests"] == 1 * 2  # the first item (1 try + 1 retry) is refused; the rest not sent
     assert sum(s["judge_scores"][t]["failed"] for t in ("general", "region", "suggestion")) == 9
     assert s["judge_scores"]["general"]["score"] is None and s["judge_scores"]["general"]["score_failures_as_1"] == 10.0
     assert s["offline"]["general"]["bleu4"] is not None
@@ -198,7 +204,7 @@ def test_simulator_pool_without_images_flag(tmp_path):
                                           "s2:general": "a truck and cones, rated 7"})
     with FakeJudge() as fake:
         rc = main(["eval", "coda", "--annotations", str(pool), "--predictions", str(preds), "--out", str(tmp_path / "o"),
-                   "--judge-url", fake.url, "--judge-model", "m"])
+                   "--judge-url", fake.url, "--judge-model", "m", "--allow-partial"])
     assert rc == 0
     js = _scores(tmp_path / "o")["judge_scores"]
     assert (js["general"]["score"], js["region"]["score"], js["suggestion"]["score"]) == (80.0, 40.0, 50.0)
@@ -249,7 +255,7 @@ def test_typed_api_writes_what_the_command_writes(root, tmp_path, capsys):
     capsys.readouterr()
     with free_port_url() as url:
         down = evaluate(CodaEvalOptions(out=tmp_path / "down", judge_url=url, judge_workers=1, **typed))
-    assert down.judge_endpoint_down and down.exit_code == 1 and "looks down" in capsys.readouterr().err
+    assert down.judge_endpoint_down and down.exit_code == 1 and "cannot be reached" in capsys.readouterr().err
     assert down.scores["offline"]["general"]["bleu4"] is not None and _scores(tmp_path / "down") == down.scores
 
 
