@@ -10,14 +10,22 @@ or a ScenePool directory whose rows carry CODA-style qa (e.g. held-out simulator
   ``region_images/``: the copies with the red box drawn;
 - ``predictions.jsonl`` (with ``--model``): answers keyed by question id, appended batch by batch (resumable);
 - ``judge_cache.jsonl``: the judge's replies by request hash (a re-run asks nothing twice);
-  ``judgements.jsonl``: per question: rating, status (ok / unparseable / failed), reply, error;
-- ``scores.json`` (+ ``scores.png``): judge scores per task and region class (over judged items and with
-  failures as 1), final score, offline BLEU-4 / ROUGE-L / CIDEr-D and object recall, every count, the prompts
-  used (own or official, with a hash) and the judge (URL, model; the key is never written).
+  ``judgements.jsonl``: per question: rating, status (ok / unparseable / failed), the official parse rule that
+  read it, ``lenient_only`` / ``out_of_range`` flags, reply, error;
+- ``scores.json`` (+ ``scores.png``): judge scores per task and official region class, each as ``mean_rating``
+  (1-10, the official scripts' number) and ``score`` (x 10, the published scale), over judged items and with
+  failures as 1; final score; offline BLEU-4 / ROUGE-L / CIDEr-D and object recall; every count; ``partial``;
+  the prompts used (own or official, with a hash) and the judge (URL, model; the key is never written).
 
-Predictions are matched to questions by id. A prediction for an unknown id, a duplicate id or a malformed
-line stops the run with an error naming file and line (or, with ``--skip-invalid``, is skipped and counted);
-a question without a prediction is counted as missing and scores 1 in ``score_failures_as_1``.
+Predictions: our JSONL matched by id (``<annotation file stem>:general``, ``<stem>:region:<key>``,
+``<stem>:suggestion``, as questions.jsonl lists them), or a folder of the official submission files read by the
+official rules (eval/coda_official.py); ``--convert official|ours`` writes the other format and stops. A
+prediction for an unknown id, a duplicate id or a malformed line stops the run with an error naming file and
+line (or, with ``--skip-invalid``, is skipped and counted). Questions without a prediction are an error naming
+how many, unless ``--allow-partial`` (then they score 1 in ``score_failures_as_1`` and every output says partial).
+
+The judge: an item failing after its retries is counted and the run goes on (exit 0, a warning); only an
+unreachable endpoint stops sending (exit 1); the same command then resumes from the cache.
 
 The same run from Python, without argparse (the command builds these options from its arguments)::
 
@@ -150,8 +158,9 @@ class CodaEvalOptions:
 
 @dataclass(frozen=True)
 class CodaEvalResult:
-    """What a run computed: `scores` is what scores.json holds; `judge_endpoint_down` when the judge looked down
-    (the offline metrics are still there); `exit_code` is the command's (1 then, else 0)."""
+    """What a run computed: `scores` is what scores.json holds (or, with `convert`, what was converted);
+    `judge_endpoint_down` when the judge could not be reached (the offline metrics are still there); `exit_code`
+    is the command's (1 then, else 0)."""
 
     scores: dict
     judge_endpoint_down: bool = False
