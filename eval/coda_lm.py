@@ -136,6 +136,7 @@ class CodaEvalOptions:
     judge_workers: int = 4  # parallel requests
     judge_cache: str | os.PathLike | None = None  # default: OUT/judge_cache.jsonl
     skip_invalid: bool = False  # skip and count bad scenes / predictions instead of stopping
+    strict_import: bool = False  # CODA-LM annotation files: every check (`mose import coda --strict`); default: what the evaluation reads
     allow_partial: bool = False  # score even when predictions are missing (or the file is empty); every output says "partial"
     region_extended: bool = False  # also our wider region view (every category, class "other") under judge_scores.region_extended
     convert: str | None = None  # "ours" or "official": write the predictions in that format to OUT and stop (no judge, no scores)
@@ -181,8 +182,9 @@ def evaluate(options: CodaEvalOptions) -> CodaEvalResult:
     out = Path(options.out)
     prompts = load_official_prompts(options.official_prompts) if options.official_prompts else own_prompts()
     report = ImportReport()
-    rows, root = rows_from(options.annotations, options.images, options.split, options.skip_invalid, report)
-    builder = QuestionBuilder(prompts, out, box_encoding=options.box_encoding, skip_invalid=options.skip_invalid)
+    rows, root = rows_from(options.annotations, options.images, options.split, options.skip_invalid, report, strict=options.strict_import)
+    builder = QuestionBuilder(prompts, out, box_encoding=options.box_encoding, skip_invalid=options.skip_invalid,
+                              lenient=root is None and not options.strict_import, need_images=options.model is not None)
     questions = builder.build(rows, root)
     if not questions:
         raise CodaPredictionsError(f"{options.annotations}: no question to evaluate")
@@ -220,6 +222,8 @@ def evaluate(options: CodaEvalOptions) -> CodaEvalResult:
         "prompts": prompts.describe() | {"box_encoding": options.box_encoding},
         "inputs": {"annotations": str(options.annotations), "model": None if options.model is None else str(options.model),
                    "predictions": str(pred_path), "annotation_files_skipped": dict(report.skipped), "questions_skipped": dict(builder.skipped_),
+                   "import_mode": "strict" if options.strict_import else "lenient", "annotation_warnings": dict(report.warnings),
+                   "question_warnings": dict(builder.warnings_),
                    "predictions_skipped": pred_report},
         "counts": dict(Counter(q["task"] for q in questions)),
         "judge": None,
@@ -352,6 +356,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge-workers", type=int, default=4, help="parallel requests")
     parser.add_argument("--judge-cache", help="judge reply cache (default: OUT/judge_cache.jsonl)")
     parser.add_argument("--skip-invalid", action="store_true", help="skip and count bad scenes / predictions instead of stopping")
+    parser.add_argument("--strict-import", action="store_true", help="CODA-LM annotation files: check every field as `mose import coda "
+                        "--strict` does (default: what the evaluation reads; the rest counted as warnings in scores.json)")
     parser.add_argument("--allow-partial", action="store_true", help="score even when predictions are missing (default: an error naming "
                         "how many); every output is marked partial")
     parser.add_argument("--region-extended", action="store_true", help="also report our wider region view (every category, unknown ones "

@@ -189,11 +189,17 @@ def test_official_prompts_are_used_and_reported(root, tmp_path):
 def test_bad_annotations_and_arguments(root, tmp_path, capsys):
     preds = _preds(tmp_path / "p.jsonl", {q: f"a, rated {r}" for q, r in RATINGS.items() if q.startswith("test_0001")})
     (root / "test/images/0002.jpg").unlink()
-    assert main(_args(root, preds, tmp_path / "o")) == 1
+    assert main(_args(root, preds, tmp_path / "o", "--strict-import")) == 1
     assert "test_0002.json: field 'image (test_0002.json encodes test/images/0002.jpg)': expected an existing image file" in capsys.readouterr().err
-    assert main(_args(root, preds, tmp_path / "o", "--skip-invalid")) == 0
+    assert main(_args(root, preds, tmp_path / "o", "--skip-invalid", "--strict-import")) == 0
     s = _scores(tmp_path / "o")
     assert s["inputs"]["annotation_files_skipped"] == {"missing image": 1} and s["counts"] == {"general": 1, "region": 2, "suggestion": 1}
+    # default (lenient) import: judging needs no image, so the scene is kept, its missing image counted as a warning
+    full = _preds(tmp_path / "full.jsonl", {q: f"a, rated {r}" for q, r in RATINGS.items()})
+    assert main(_args(root, full, tmp_path / "lenient")) == 0
+    s = _scores(tmp_path / "lenient")
+    assert s["counts"] == {"general": 2, "region": 5, "suggestion": 2} and s["inputs"]["annotation_files_skipped"] == {}
+    assert s["inputs"]["annotation_warnings"] == {"missing image": 1} and s["inputs"]["question_warnings"] == {"missing image": 1}
     assert main(_args(root, preds, tmp_path / "o2", "--judge-url", "http://127.0.0.1:9/v1")) == 2  # no --judge-model
     assert "go together" in capsys.readouterr().err
 
@@ -441,3 +447,19 @@ def test_region_scores_use_the_official_table_and_its_drops(root, tmp_path):
     assert r["dropped"] == {"questions": 1, "by_category": {"Car": 1}} and r["per_class"]["vehicle"]["questions"] == 0
     assert (x["questions"], x["score"], x["per_class"]["vehicle"]["score"]) == (5, 50.0, 20.0)  # (9+3+7+4+2)/5
     assert js["final"]["score"] == pytest.approx((65 + 57.5 + 80) / 3)  # the final score uses the official region score
+
+
+def test_quirky_box_is_read_by_default_and_refused_when_strict(root, tmp_path, capsys):
+    path = root / "CODA-LM/Mini/test_0002.json"
+    data = json.loads(path.read_text())
+    data["region_perception"]["3"]["box"] = [60, 40, 10, 10]  # reaches 6 px past the 64x48 image: the official scripts never check
+    path.write_text(json.dumps(data))
+    preds = _preds(tmp_path / "p.jsonl", {q: f"a, rated {r}" for q, r in RATINGS.items()})
+    assert main(_args(root, preds, tmp_path / "o")) == 0
+    s = _scores(tmp_path / "o")
+    assert s["counts"]["region"] == 5 and s["inputs"]["import_mode"] == "lenient"
+    assert s["inputs"]["annotation_warnings"] == {"box outside image": 1}
+    qs = {q["question_id"]: q for q in map(json.loads, (tmp_path / "o/questions.jsonl").read_text().splitlines())}
+    assert qs["test_0002:region:3"]["box"] == [60.0, 40.0, 10.0, 10.0] and "region_images" in qs["test_0002:region:3"]["image"]
+    assert main(_args(root, preds, tmp_path / "strict", "--strict-import")) == 1
+    assert "region_perception.3.box': expected a box inside the 64x48 image" in capsys.readouterr().err
