@@ -177,7 +177,7 @@ def evaluate(options: CodaEvalOptions) -> CodaEvalResult:
     from datasets_cfg.sources.coda_lm import ImportReport
     from eval.coda_prompts import load_official_prompts, own_prompts
     from eval.coda_questions import QuestionBuilder, rows_from
-    from eval.coda_scores import clean, judge_scores, offline_scores
+    from eval.coda_scores import SCALE, clean, judge_scores, offline_scores
 
     out = Path(options.out)
     prompts = load_official_prompts(options.official_prompts) if options.official_prompts else own_prompts()
@@ -219,6 +219,7 @@ def evaluate(options: CodaEvalOptions) -> CodaEvalResult:
 
     scores = {
         "partial": {"partial": missing > 0, "missing_predictions": missing, "questions": len(questions)},
+        "scale": SCALE,  # judge_scores: mean_rating (1-10, official) and score (x 10, published) side by side
         "prompts": prompts.describe() | {"box_encoding": options.box_encoding},
         "inputs": {"annotations": str(options.annotations), "model": None if options.model is None else str(options.model),
                    "predictions": str(pred_path), "annotation_files_skipped": dict(report.skipped), "questions_skipped": dict(builder.skipped_),

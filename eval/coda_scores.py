@@ -101,7 +101,7 @@ def judge_scores(questions: list[dict], predictions: dict, judgements: dict, reg
     the region score and in its 7 classes; the others are counted under ``dropped`` (by category name). With
     `region_extended`, ``region_extended`` adds our view: every region question, our class mapping (``class``),
     unknown names in "other"."""
-    out = {"scale": SCALE}
+    out = {}
     for task in TASKS:
         qs = [q for q in questions if q["task"] == task]
         if not qs:

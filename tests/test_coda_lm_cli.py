@@ -61,7 +61,7 @@ def test_scores_match_hand_computed_means_and_ids_not_order(root, tmp_path, caps
     assert js["final"] == {"score": pytest.approx(65.0), "score_failures_as_1": pytest.approx(65.0),
                            "mean_rating": pytest.approx(6.5), "mean_rating_failures_as_1": pytest.approx(6.5)}
     assert (js["general"]["mean_rating"], js["region"]["mean_rating"], js["suggestion"]["mean_rating"]) == (6.5, 5.0, 8.0)  # 1-10, official
-    assert set(js["scale"]) == {"mean_rating", "score"} and results[0]["partial"]["partial"] is False
+    assert set(results[0]["scale"]) == {"mean_rating", "score"} and results[0]["partial"]["partial"] is False
     per_class = js["region"]["per_class"]
     assert (per_class["traffic_cone"]["score"], per_class["miscellaneous"]["score"], per_class["vehicle"]["score"]) == (80.0, 35.0, 20.0)
     assert per_class["vru"]["questions"] == 0 and "other" not in per_class
