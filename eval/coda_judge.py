@@ -55,15 +55,15 @@ OFFICIAL_RULES = (("rating", "Rating: [["), ("rating_is", "rating is: [["), ("fi
 def parse_rating_official(text: str | None) -> tuple[int | None, str | None]:
     """(rating, rule) as the official scripts read a reply; (None, None) when no rule reads it.
 
-    Each rule takes the text after the first occurrence of its marker (case-sensitive), up to the first "]]"
-    after it (or the end), and applies Python's int() to it — so " 7 " and "+7" read as 7, "7.5" does not, and
+    Each rule takes the text between the first occurrence of its marker (case-sensitive) and the next
+    occurrence of the marker or the first "]]", whichever comes first (or the end), and applies Python's int() to it — so " 7 " and "+7" read as 7, "7.5" does not, and
     no range check is made (0 or 15 are kept). A rule that fails hands over to the next one."""
     if not isinstance(text, str):
         return None, None
     for rule, marker in OFFICIAL_RULES:
         if marker not in text:
             continue
-        inner = text.split(marker, 1)[1].split("]]", 1)[0]
+        inner = text.split(marker)[1].split("]]")[0]  # [1]: the piece between the first and any second marker
         try:
             return int(inner), rule
         except ValueError:

@@ -48,6 +48,7 @@ def test_parse_rating_is_strict(text, expected):
     ("Rating: [[n/a]] then [[5]]", (None, None)),  # rule 3 takes the FIRST "[[" (the "n/a" one) and fails
     ("Score [[x]]", (None, None)), ("Rating: [7]", (None, None)), ("I cannot decide.", (None, None)), ("", (None, None)), (None, (None, None)),
     ("Rating: [[8", (8, "rating")),  # no "]]": split("]]")[0] is the whole rest, int("8") == 8
+    ("Rating: [[7 Rating: [[8]]", (7, "rating")),  # split(M)[1] is "7 " (the piece up to the second marker): int("7 ") == 7
 ])
 def test_parse_rating_official_rules(text, expected):
     assert parse_rating_official(text) == expected
