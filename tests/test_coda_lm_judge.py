@@ -243,3 +243,17 @@ def test_parallel_workers_keep_items_apart(tmp_path):
 def test_url_credentials_are_not_shown():
     c = JudgeClient("http://user:pa55@127.0.0.1:9/v1?token=abc", "m")
     assert c.describe()["url"] == "http://127.0.0.1:9/v1" and "pa55" not in repr(c) and "abc" not in repr(c)
+
+
+def test_only_refused_connections_and_unknown_hosts_count_as_unreachable():
+    import socket
+    import urllib.error
+
+    from eval.coda_judge import _unreachable
+
+    assert _unreachable(urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")))
+    assert _unreachable(urllib.error.URLError(socket.gaierror(-2, "Name or service not known")))  # DNS
+    assert _unreachable(ConnectionRefusedError(111, "Connection refused"))
+    assert not _unreachable(urllib.error.URLError(ConnectionResetError(104, "reset")))  # a flaky server: per-item failure
+    assert not _unreachable(urllib.error.URLError(TimeoutError("timed out")))
+    assert not _unreachable(socket.timeout("timed out"))
