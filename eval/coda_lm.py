@@ -10,14 +10,22 @@ or a ScenePool directory whose rows carry CODA-style qa (e.g. held-out simulator
   ``region_images/``: the copies with the red box drawn;
 - ``predictions.jsonl`` (with ``--model``): answers keyed by question id, appended batch by batch (resumable);
 - ``judge_cache.jsonl``: the judge's replies by request hash (a re-run asks nothing twice);
-  ``judgements.jsonl``: per question: rating, status (ok / unparseable / failed), reply, error;
-- ``scores.json`` (+ ``scores.png``): judge scores per task and region class (over judged items and with
-  failures as 1), final score, offline BLEU-4 / ROUGE-L / CIDEr-D and object recall, every count, the prompts
-  used (own or official, with a hash) and the judge (URL, model; the key is never written).
+  ``judgements.jsonl``: per question: rating, status (ok / unparseable / failed), the official parse rule that
+  read it, ``lenient_only`` / ``out_of_range`` flags, reply, error;
+- ``scores.json`` (+ ``scores.png``): judge scores per task and official region class, each as ``mean_rating``
+  (1-10, the official scripts' number) and ``score`` (x 10, the published scale), over judged items and with
+  failures as 1; final score; offline BLEU-4 / ROUGE-L / CIDEr-D and object recall; every count; ``partial``;
+  the prompts used (own or official, with a hash) and the judge (URL, model; the key is never written).
 
-Predictions are matched to questions by id. A prediction for an unknown id, a duplicate id or a malformed
-line stops the run with an error naming file and line (or, with ``--skip-invalid``, is skipped and counted);
-a question without a prediction is counted as missing and scores 1 in ``score_failures_as_1``.
+Predictions: our JSONL matched by id (``<annotation file stem>:general``, ``<stem>:region:<key>``,
+``<stem>:suggestion``, as questions.jsonl lists them), or a folder of the official submission files read by the
+official rules (eval/coda_official.py); ``--convert official|ours`` writes the other format and stops. A
+prediction for an unknown id, a duplicate id or a malformed line stops the run with an error naming file and
+line (or, with ``--skip-invalid``, is skipped and counted). Questions without a prediction are an error naming
+how many, unless ``--allow-partial`` (then they score 1 in ``score_failures_as_1`` and every output says partial).
+
+The judge: an item failing after its retries is counted and the run goes on (exit 0, a warning); only an
+unreachable endpoint stops sending (exit 1); the same command then resumes from the cache.
 
 The same run from Python, without argparse (the command builds these options from its arguments)::
 
@@ -34,12 +42,8 @@ from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from common.errors import MoseError
 from datasets_cfg.schema import SchemaError
-
-
-class CodaPredictionsError(MoseError, ValueError):
-    pass
+from eval.coda_official import CodaPredictionsError  # noqa: F401 (re-exported: raised by both modules)
 
 
 def load_predictions(path: str | os.PathLike, question_ids, skip_invalid: bool = False) -> tuple[dict[str, str], dict]:
@@ -95,7 +99,8 @@ def plot_scores(scores: dict, path: Path) -> None:
         ax.bar([i + 0.2 for i in x], [v["score_failures_as_1"] or 0 for v in vals], 0.4, label="failures as 1")
         ax.set_xticks(list(x), names, rotation=20)
         ax.set_ylim(0, 100)
-        ax.set_title(title)
+        ax.set_ylabel("score = mean rating (1-10) x 10")
+        ax.set_title(title + (" — PARTIAL (predictions missing)" if scores["partial"]["partial"] else ""))
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     from common.atomic import save_figure
@@ -129,15 +134,20 @@ class CodaEvalOptions:
     judge_retries: int = 4  # retries per item on transient errors
     judge_backoff: float = 1.0  # first retry delay in seconds (doubles each retry)
     judge_workers: int = 4  # parallel requests
-    judge_max_consecutive_failures: int = 3  # items failing in a row before the endpoint counts as down
     judge_cache: str | os.PathLike | None = None  # default: OUT/judge_cache.jsonl
     skip_invalid: bool = False  # skip and count bad scenes / predictions instead of stopping
+    strict_import: bool = False  # CODA-LM annotation files: every check (`mose import coda --strict`); default: what the evaluation reads
+    allow_partial: bool = False  # score even when predictions are missing (or the file is empty); every output says "partial"
+    region_extended: bool = False  # also our wider region view (every category, class "other") under judge_scores.region_extended
+    convert: str | None = None  # "ours" or "official": write the predictions in that format to OUT and stop (no judge, no scores)
 
     def __post_init__(self):
         if (self.model is None) == (self.predictions is None):
             raise ValueError("CodaEvalOptions: expected exactly one of model and predictions")
         if bool(self.judge_url) != bool(self.judge_model):
             raise ValueError("CodaEvalOptions: judge_url and judge_model go together")
+        if self.convert not in (None, "ours", "official"):
+            raise ValueError(f"CodaEvalOptions: convert: expected None, 'ours' or 'official', got {self.convert!r}")
         if self.box_encoding not in ("draw", "text"):
             raise ValueError(f"CodaEvalOptions: box_encoding: expected 'draw' or 'text', got {self.box_encoding!r}")
 
@@ -149,8 +159,9 @@ class CodaEvalOptions:
 
 @dataclass(frozen=True)
 class CodaEvalResult:
-    """What a run computed: `scores` is what scores.json holds; `judge_endpoint_down` when the judge looked down
-    (the offline metrics are still there); `exit_code` is the command's (1 then, else 0)."""
+    """What a run computed: `scores` is what scores.json holds (or, with `convert`, what was converted);
+    `judge_endpoint_down` when the judge could not be reached (the offline metrics are still there); `exit_code`
+    is the command's (1 then, else 0)."""
 
     scores: dict
     judge_endpoint_down: bool = False
@@ -166,13 +177,14 @@ def evaluate(options: CodaEvalOptions) -> CodaEvalResult:
     from datasets_cfg.sources.coda_lm import ImportReport
     from eval.coda_prompts import load_official_prompts, own_prompts
     from eval.coda_questions import QuestionBuilder, rows_from
-    from eval.coda_scores import clean, judge_scores, offline_scores
+    from eval.coda_scores import SCALE, clean, judge_scores, offline_scores
 
     out = Path(options.out)
     prompts = load_official_prompts(options.official_prompts) if options.official_prompts else own_prompts()
     report = ImportReport()
-    rows, root = rows_from(options.annotations, options.images, options.split, options.skip_invalid, report)
-    builder = QuestionBuilder(prompts, out, box_encoding=options.box_encoding, skip_invalid=options.skip_invalid)
+    rows, root = rows_from(options.annotations, options.images, options.split, options.skip_invalid, report, strict=options.strict_import)
+    builder = QuestionBuilder(prompts, out, box_encoding=options.box_encoding, skip_invalid=options.skip_invalid,
+                              lenient=root is None and not options.strict_import, need_images=options.model is not None)
     questions = builder.build(rows, root)
     if not questions:
         raise CodaPredictionsError(f"{options.annotations}: no question to evaluate")
@@ -185,12 +197,34 @@ def evaluate(options: CodaEvalOptions) -> CodaEvalResult:
         Generator(options.model, options.batch_size, options.max_new_tokens, options.device, options.dtype).run(questions, pred_path)
     else:
         pred_path = Path(options.predictions)
-    predictions, pred_report = load_predictions(pred_path, [q["question_id"] for q in questions], options.skip_invalid)
+    order = scene_order(options.annotations, options.split, questions)
+    if pred_path.is_dir():
+        from eval.coda_official import is_official, load_official_predictions
+
+        if not is_official(pred_path):
+            raise CodaPredictionsError(f"{pred_path}: expected a predictions JSONL, or a folder with the official files "
+                                       "general_perception_answer.jsonl / driving_suggestion_answer.jsonl / region_perception_answer.jsonl")
+        predictions, pred_report = load_official_predictions(pred_path, questions, order), {"format": "official", "skipped": 0}
+    else:
+        predictions, pred_report = load_predictions(pred_path, [q["question_id"] for q in questions], options.skip_invalid)
+        pred_report["format"] = "ours"
+    if options.convert:
+        return _convert(options, questions, predictions, order, pred_report)
+    missing = len(questions) - sum(q["question_id"] in predictions for q in questions)
+    if missing and not options.allow_partial:
+        by_task = Counter(q["task"] for q in questions if q["question_id"] not in predictions)
+        raise CodaPredictionsError(f"{pred_path}: {missing} of {len(questions)} questions have no prediction ("
+                                   + ", ".join(f"{t} {n}" for t, n in sorted(by_task.items())) + "); pass --allow-partial "
+                                   "(CodaEvalOptions.allow_partial) to score what is there, marked partial")
 
     scores = {
+        "partial": {"partial": missing > 0, "missing_predictions": missing, "questions": len(questions)},
+        "scale": SCALE,  # judge_scores: mean_rating (1-10, official) and score (x 10, published) side by side
         "prompts": prompts.describe() | {"box_encoding": options.box_encoding},
         "inputs": {"annotations": str(options.annotations), "model": None if options.model is None else str(options.model),
                    "predictions": str(pred_path), "annotation_files_skipped": dict(report.skipped), "questions_skipped": dict(builder.skipped_),
+                   "import_mode": "strict" if options.strict_import else "lenient", "annotation_warnings": dict(report.warnings),
+                   "question_warnings": dict(builder.warnings_),
                    "predictions_skipped": pred_report},
         "counts": dict(Counter(q["task"] for q in questions)),
         "judge": None,
@@ -205,18 +239,23 @@ def evaluate(options: CodaEvalOptions) -> CodaEvalResult:
             print(f"note: ${options.judge_key_env} is not set; sending no Authorization header", file=sys.stderr)
         client = JudgeClient(options.judge_url, options.judge_model, key, timeout=options.judge_timeout, max_retries=options.judge_retries,
                              backoff=options.judge_backoff, cache_path=options.judge_cache or out / "judge_cache.jsonl",
-                             workers=options.judge_workers, max_consecutive_failures=options.judge_max_consecutive_failures)
+                             workers=options.judge_workers)
         items = [(q["question_id"], prompts.messages(q["task"], q["reference"], predictions[q["question_id"]]))
                  for q in questions if q["question_id"] in predictions]
         judgements = client.judge_many(items)
         write_jsonl(out / "judgements.jsonl", [judgement_record(qid, judgements[qid]) for qid, _ in items])
         scores["judge"] = client.describe()
-        scores["judge_scores"] = judge_scores(questions, predictions, judgements)
+        scores["judge_scores"] = judge_scores(questions, predictions, judgements, region_extended=options.region_extended)
+        failed = [j for j in judgements.values() if j.status == "failed"]
         if client.endpoint_down_:
-            errs = [j.error for j in judgements.values() if j.status == "failed" and j.attempts]
-            print(f"mose eval coda: error: the judge endpoint {client.public_url_} looks down ({len(errs)} item(s) failed after retries; "
-                  f"last error: {errs[-1] if errs else 'n/a'}). Offline metrics are still written.", file=sys.stderr)
+            errs = [j.error for j in failed if j.attempts]
+            print(f"mose eval coda: error: the judge endpoint {client.public_url_} cannot be reached ({len(failed)} item(s) not judged; "
+                  f"last error: {errs[-1] if errs else 'n/a'}). Offline metrics are still written; run the same command again to "
+                  "resume (replies already received are cached).", file=sys.stderr)
             code = 1
+        elif failed:
+            print(f"mose eval coda: warning: {len(failed)} item(s) failed after retries (counted as failed; last error: "
+                  f"{failed[-1].error}); a re-run asks only those again.", file=sys.stderr)
     scores["offline"] = offline_scores(questions, predictions)
     scores = clean(scores)
     write_json(out / "scores.json", scores)
@@ -225,8 +264,45 @@ def evaluate(options: CodaEvalOptions) -> CodaEvalResult:
     return CodaEvalResult(scores, judge_endpoint_down=code != 0)
 
 
+def scene_order(annotations, split, questions: list[dict]) -> list[str]:
+    """The scene of each official integer id: a CODA-LM split folder's .json file stems in sorted name order
+    (stage1_eval_batch.py:177, all files, also ones our import skipped); otherwise the sorted scene ids."""
+    path = Path(annotations)
+    if path.is_dir() and not (path / "pool.json").is_file():
+        from datasets_cfg.sources.coda_lm import split_dir
+
+        folder = split_dir(path, split or path.stem)
+        names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".json"))
+        if names:
+            return [n[: -len(".json")] for n in names]
+    return sorted({q["scene_id"] for q in questions})
+
+
+def _convert(options: CodaEvalOptions, questions, predictions, order, pred_report) -> CodaEvalResult:
+    from common.atomic import write_jsonl
+
+    out = Path(options.out)
+    if options.convert == "official":
+        from eval.coda_official import write_official_predictions
+
+        paths = write_official_predictions(out / "official_predictions", questions, predictions, order)
+    else:
+        path = out / "predictions_ours.jsonl"
+        write_jsonl(path, [{"question_id": q["question_id"], "answer": predictions[q["question_id"]]} for q in questions if q["question_id"] in predictions])
+        paths = [path]
+    return CodaEvalResult({"converted": {"to": options.convert, "from": pred_report["format"], "predictions": len(predictions),
+                                         "files": [str(p) for p in paths]}})
+
+
 def _print_summary(scores: dict) -> None:
+    if "converted" in scores:
+        c = scores["converted"]
+        print(f"converted {c['predictions']} predictions ({c['from']} -> {c['to']}): " + ", ".join(c["files"]))
+        return
     js = scores.get("judge_scores") or {}
+    if scores["partial"]["partial"]:
+        print(f"PARTIAL: {scores['partial']['missing_predictions']} of {scores['partial']['questions']} questions have no prediction "
+              "(--allow-partial); these scores are not comparable with full runs")
     print(f"prompts: {scores['prompts']['source']} ({scores['prompts']['origin']}), box encoding: {scores['prompts']['box_encoding']}")
     fmt = lambda v: "  n/a" if v is None else f"{v:5.2f}"  # noqa: E731
     for task in ("general", "region", "suggestion"):
@@ -237,11 +313,15 @@ def _print_summary(scores: dict) -> None:
                 f"BLEU-4 {fmt(off['bleu4'])}  ROUGE-L {fmt(off['rouge_l'])}  CIDEr-D {fmt(off['cider_d'])}")
         if task in js:
             j = js[task]
-            line += (f" | judge {fmt(j['score'])} (failures as 1: {fmt(j['score_failures_as_1'])}; judged {j['judged']}, "
-                     f"unparseable {j['unparseable']}, failed {j['failed']})")
+            line += (f" | judge mean {fmt(j['mean_rating'])} /10 = score {fmt(j['score'])} (failures as 1: {fmt(j['score_failures_as_1'])}; "
+                     f"judged {j['judged']}, unparseable {j['unparseable']}, failed {j['failed']}, lenient-only {j['lenient_only']}, "
+                     f"out of 1-10 {j['out_of_range']}" + (f", dropped by the official region table {j['dropped']['questions']}" if task == "region" else "") + ")")
         print(line)
     if "final" in js:
-        print(f"final       {fmt(js['final']['score'])} (failures as 1: {fmt(js['final']['score_failures_as_1'])})")
+        print(f"final       mean {fmt(js['final']['mean_rating'])} /10 = score {fmt(js['final']['score'])} "
+              f"(failures as 1: {fmt(js['final']['score_failures_as_1'])})")
+    if js:
+        print("scale: mean = the official scripts' 1-10 mean; score = mean x 10, the published tables' scale")
     rec = scores["offline"]["object_recall"]
     print(f"object recall {fmt(rec['recall'])} precision {fmt(rec['precision'])} over {rec['scenes']} scenes")
     wf = rec.get("well_formed")
@@ -261,7 +341,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="transformers VLM checkpoint (local folder) to generate answers with")
-    src.add_argument("--predictions", help='JSONL of {"question_id", "answer"} to score')
+    src.add_argument("--predictions", help='JSONL of {"question_id", "answer"} with our ids ("test_0029:general", "test_0029:region:1", '
+                     '"test_0029:suggestion": <annotation file stem>:<task>[:<region key>], as questions.jsonl lists them), or a folder '
+                     "with the official files (general_perception_answer.jsonl, driving_suggestion_answer.jsonl, "
+                     "region_perception_answer[_w_label].jsonl: integer question_id in sorted-file order, region answers by position "
+                     "within their class)")
     parser.add_argument("--official-prompts", metavar="DIR", help="a checkout of DLUT-LYZ/CODA-LM: use its question and judge prompts")
     parser.add_argument("--box-encoding", choices=("draw", "text"), default="draw", help="region box: red rectangle on the image, or normalised text")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -275,9 +359,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge-retries", type=int, default=4, help="retries per item on transient errors")
     parser.add_argument("--judge-backoff", type=float, default=1.0, help="first retry delay in seconds (doubles each retry)")
     parser.add_argument("--judge-workers", type=int, default=4, help="parallel requests")
-    parser.add_argument("--judge-max-consecutive-failures", type=int, default=3, help="items failing in a row before the endpoint counts as down")
     parser.add_argument("--judge-cache", help="judge reply cache (default: OUT/judge_cache.jsonl)")
     parser.add_argument("--skip-invalid", action="store_true", help="skip and count bad scenes / predictions instead of stopping")
+    parser.add_argument("--strict-import", action="store_true", help="CODA-LM annotation files: check every field as `mose import coda "
+                        "--strict` does (default: what the evaluation reads; the rest counted as warnings in scores.json)")
+    parser.add_argument("--allow-partial", action="store_true", help="score even when predictions are missing (default: an error naming "
+                        "how many); every output is marked partial")
+    parser.add_argument("--region-extended", action="store_true", help="also report our wider region view (every category, unknown ones "
+                        "in class 'other'); the region score stays the official table's")
+    parser.add_argument("--convert", choices=("ours", "official"), help="write the predictions in that format (OUT/predictions_ours.jsonl, "
+                        "or OUT/official_predictions/ with the three official files) and stop: no judge, no scores")
 
 
 def run(args) -> int:
@@ -291,6 +382,9 @@ def run(args) -> int:
     except (SchemaError, CodaPredictionsError, PromptError, FileNotFoundError, ValueError) as e:
         print(f"mose eval coda: error: {e}", file=sys.stderr)
         return 1
+    if "converted" in result.scores:
+        _print_summary(result.scores)
+        return 0
     _print_summary(result.scores)
     print(f"wrote {Path(args.out) / 'scores.json'}")
     return result.exit_code

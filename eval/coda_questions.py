@@ -14,10 +14,16 @@ A row contributes (see datasets_cfg/sources/coda_lm.py for the qa layout):
 
 The question text always comes from the prompt set (own or official), so every scene is asked the same way.
 
-Region classes (the official 7, from the official region judge script): ``category_name`` -> class by
-`CATEGORY_TO_CLASS` (the official table plus the ScenePool agent categories "czone_sign" and "generic_object");
-the general-perception keys map by `GENERAL_KEY_TO_CLASS`. Names in neither (and empty
-ones) go to the class "other", which is reported separately instead of being dropped as upstream does.
+Region classes, two views of a region question's ``category_name``:
+
+- ``official_class`` (what the scores use): the official table `OFFICIAL_CATEGORY_TO_CLASS`, an exact,
+  case-sensitive name lookup (DLUT-LYZ/CODA-LM@24544cc evaluation/stage3_eval_batch.py:49-70: "Car" is not
+  "car", and the table spells "suitcace"); a name outside it gets None and, as upstream, the question counts in
+  no class and not in the region score (stage3_eval_batch.py:243-279 loops over the 7 classes only).
+- ``class`` (our extended view, scores.json ``region_extended`` with ``--region-extended``): `class_of`, the
+  official table plus a few names (lower-cased, "suitcase", "van", the class names themselves, the ScenePool
+  agent categories "czone_sign" and "generic_object", the general-perception keys of `GENERAL_KEY_TO_CLASS`);
+  names it does not know go to the class "other".
 """
 from __future__ import annotations
 
@@ -31,6 +37,18 @@ from pathlib import Path
 from datasets_cfg.sources.coda_lm import CodaFormatError, check_box, image_size
 
 REGION_CLASSES = ("vehicle", "vru", "traffic_sign", "traffic_light", "traffic_cone", "barrier", "miscellaneous")
+# The official table, name for name (evaluation/stage3_eval_batch.py:50-58, DLUT-LYZ/CODA-LM@24544cc).
+OFFICIAL_CATEGORY_TO_CLASS = {
+    **dict.fromkeys(["car", "truck", "tram", "tricycle", "bus", "trailer", "construction_vehicle", "recreational_vehicle"], "vehicle"),
+    **dict.fromkeys(["pedestrian", "cyclist", "bicycle", "moped", "motorcycle", "stroller", "wheelchair", "cart"], "vru"),
+    **dict.fromkeys(["warning_sign", "traffic_sign"], "traffic_sign"),
+    "traffic_light": "traffic_light",
+    "traffic_cone": "traffic_cone",
+    **dict.fromkeys(["barrier", "bollard"], "barrier"),
+    **dict.fromkeys(["dog", "cat", "sentry_box", "traffic_box", "traffic_island", "debris", "suitcace", "dustbin", "concrete_block",
+                     "machinery", "chair", "phone_booth", "basket", "cardboard", "carton", "garbage", "garbage_bag", "plastic_bag", "stone",
+                     "tire", "misc"], "miscellaneous"),
+}
 CATEGORY_TO_CLASS = {
     **dict.fromkeys(["car", "truck", "tram", "tricycle", "bus", "trailer", "construction_vehicle", "recreational_vehicle", "vehicle", "van"], "vehicle"),
     **dict.fromkeys(["pedestrian", "cyclist", "bicycle", "moped", "motorcycle", "stroller", "wheelchair", "cart", "vru"], "vru"),
@@ -49,6 +67,11 @@ GENERAL_KEY_TO_CLASS = {
     "traffic_cones": "traffic_cone", "barriers": "barrier", "other_objects": "miscellaneous",
 }
 OTHER = "other"
+
+
+def official_class_of(category: str) -> str | None:
+    """The official class of a category name (exact lookup in the official table), None when upstream drops it."""
+    return OFFICIAL_CATEGORY_TO_CLASS.get(category)
 
 
 def class_of(category: str) -> str:
@@ -84,19 +107,30 @@ def _safe_name(qid: str) -> str:
 
 
 class QuestionBuilder:
-    """Rows -> question records. Bad scenes raise `CodaFormatError` or, with `skip_invalid`, are counted in `skipped_`."""
+    """Rows -> question records. Bad scenes raise `CodaFormatError` or, with `skip_invalid`, are counted in `skipped_`.
 
-    def __init__(self, prompts, out_dir: str | os.PathLike, box_encoding: str = "draw", skip_invalid: bool = False):
+    `lenient` (rows from a lenient CODA-LM import): a region box reaching outside the image is kept as given, and,
+    when `need_images` is False (predictions given, nothing to generate), a missing image is no error: its
+    questions keep the image path and region boxes are not drawn; both are counted in `warnings_`."""
+
+    def __init__(self, prompts, out_dir: str | os.PathLike, box_encoding: str = "draw", skip_invalid: bool = False,
+                 lenient: bool = False, need_images: bool = True):
         if box_encoding not in ("draw", "text"):
             raise ValueError(f"box_encoding must be 'draw' or 'text', got {box_encoding!r}")
         self.prompts = prompts
         self.out_dir = Path(out_dir)
         self.box_encoding = box_encoding
         self.skip_invalid = skip_invalid
+        self.lenient = lenient
+        self.need_images = need_images
+
+    def _warn(self, err: CodaFormatError) -> None:
+        self.warnings_[err.kind] += 1
 
     def build(self, rows, root: str | os.PathLike | None = None) -> list[dict]:
         """`rows`: ScenePool rows (dicts); relative image paths resolve under `root` (the pool directory)."""
         self.skipped_: Counter = Counter()
+        self.warnings_: Counter = Counter()
         self.errors_: list[str] = []
         out, seen = [], {}
         for row in rows:
@@ -129,7 +163,11 @@ class QuestionBuilder:
         p = Path(images[0]["path"])
         p = p if p.is_absolute() or root is None else root / p
         if not p.is_file():
-            raise CodaFormatError(f"{where}: field 'images[0].path': expected an existing image file, got {str(p)!r}", "missing image")
+            err = CodaFormatError(f"{where}: field 'images[0].path': expected an existing image file, got {str(p)!r}", "missing image")
+            if self.need_images or not self.lenient:
+                raise err
+            self._warn(err)
+            return p, None
         return p, image_size(p, where)
 
     def _scene(self, row, root) -> list[dict]:
@@ -153,11 +191,13 @@ class QuestionBuilder:
         boxed = {im["camera"].split("_box:", 1)[1]: im["path"] for im in row["images"] if "_box:" in im["camera"]}
         for q in (q for q in qa if q["task"] == "region"):
             rec = {**base, "question_id": q["qid"], "task": "region", "reference": q["answer"], "category": q["category"],
-                   "class": class_of(q["category"])}
+                   "class": class_of(q["category"]), "official_class": official_class_of(q["category"])}
             if len(q["box"]):
-                box = check_box([float(v) for v in q["box"]], size, f"scene {sid}", f"qa[{q['qid']}].box")
+                box = check_box([float(v) for v in q["box"]], size, f"scene {sid}", f"qa[{q['qid']}].box", self._warn if self.lenient else None)
                 rec["box"] = box
-                if self.box_encoding == "text":
+                if size is None:  # lenient, image missing, nothing to generate: the question is asked of no image
+                    rec["question"] = self.prompts.question("region")
+                elif self.box_encoding == "text":
                     rec["question"] = self.prompts.question("region", box_text(box, size))
                 else:
                     rec["question"] = self.prompts.question("region")
@@ -179,8 +219,10 @@ class QuestionBuilder:
         return out
 
 
-def rows_from(annotations: str | os.PathLike, images: str | os.PathLike | None, split: str | None, skip_invalid: bool, report=None):
-    """(rows, root) from a ScenePool directory or from CODA-LM annotations (folder of JSON, or a question list)."""
+def rows_from(annotations: str | os.PathLike, images: str | os.PathLike | None, split: str | None, skip_invalid: bool, report=None,
+              strict: bool = False):
+    """(rows, root) from a ScenePool directory or from CODA-LM annotations (folder of JSON, or a question list; root None);
+    `strict`: the import mode of CODA-LM annotation files (datasets_cfg/sources/coda_lm.py)."""
     path = Path(annotations)
     if (path / "pool.json").is_file():
         from datasets_cfg.schema import ScenePool
@@ -192,7 +234,7 @@ def rows_from(annotations: str | os.PathLike, images: str | os.PathLike | None, 
     if images is None:
         raise ValueError(f"{path}: CODA-LM annotations need --images (the folder holding val/images/ and test/images/)")
     split = split or path.stem
-    return read_split(path, images, split, skip_invalid=skip_invalid, report=report), None
+    return read_split(path, images, split, skip_invalid=skip_invalid, report=report, strict=strict), None
 
 
 def write_questions(path: str | os.PathLike, questions: list[dict]) -> None:

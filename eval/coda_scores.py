@@ -1,12 +1,18 @@
 """CODA-LM scores from questions, predictions (by question id) and judgements.
 
-Judge scores, per task (general, region, suggestion) and per region class:
+Judge scores, per task (general, region, suggestion) and per region class, each on both scales:
 
-- ``score``: mean rating x 10 over the items the judge rated (the published protocol's number, except that
-  upstream silently drops failures, and we say how many there were);
-- ``score_failures_as_1``: mean x 10 over every question, a failed or unparseable judgement or a missing
-  prediction counting as the minimum rating 1 — the number nothing can flatter;
-- counts: questions, predicted, missing (no prediction), judged (rated), unparseable, failed.
+- ``mean_rating``: the mean rating (1-10) over the items the judge rated — the number the official scripts
+  print (upstream, too, drops failed and unreadable replies; we say how many there were); ``score`` = it x 10,
+  the scale of the published tables;
+- ``mean_rating_failures_as_1`` / ``score_failures_as_1``: the same over every question, a failed or
+  unparseable judgement or a missing prediction counting as the minimum rating 1 — the number nothing can flatter;
+- counts: questions, predicted, missing (no prediction), judged (rated), unparseable, failed; of the rated:
+  ``by_rule`` (which official parse rule read it), ``lenient_only`` (read by the official rules but not by our
+  strict ``Rating: [[n]]``, 1..10) and ``out_of_range`` (outside 1..10, kept in the mean as upstream keeps it).
+
+Region: the official class table decides, and drops what it does not know (see eval/coda_questions.py);
+``region.dropped`` counts those questions by category; ``region_extended`` (optional) is our wider view.
 
 ``final`` = mean of the three task scores (both variants), given only when all three tasks have a score.
 
@@ -35,10 +41,13 @@ import math
 import re
 from collections import Counter, defaultdict
 
+from eval.coda_judge import OFFICIAL_RULES
 from eval.coda_questions import OTHER, REGION_CLASSES
 from eval.text_metrics import bleu4, cider_d, rouge_l
 
 TASKS = ("general", "region", "suggestion")
+SCALE = {"mean_rating": "mean judge rating, 1-10: the number the official scripts print (Stage1/2/3_score)",
+         "score": "mean_rating x 10: the scale of the published tables (e.g. GPT-4V 57.50 / 56.26 / 63.30)"}
 
 CLASS_KEYWORDS = {
     "vehicle": ["car", "vehicle", "truck", "bus", "van", "taxi", "suv", "sedan", "tram", "trailer", "lorry", "jeep", "pickup", "tractor",
@@ -78,8 +87,12 @@ def mentioned_classes(text: str) -> set[str]:
     return {c for c, rx in _CLASS_RE.items() if rx.search(text or "")}
 
 
-def _mean10(values: list[float]) -> float | None:
-    return 10.0 * sum(values) / len(values) if values else None
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _x10(v: float | None) -> float | None:
+    return None if v is None else 10.0 * v
 
 
 def _summary(questions: list[dict], predictions: dict, judgements: dict | None) -> dict:
@@ -89,30 +102,51 @@ def _summary(questions: list[dict], predictions: dict, judgements: dict | None) 
     if judgements is None:
         return out
     js = [judgements.get(q["question_id"]) for q in predicted]
-    rated = [j.rating for j in js if j is not None and j.status == "ok"]
+    ok = [j for j in js if j is not None and j.status == "ok"]
+    rated = [j.rating for j in ok]
+    mean, mean1 = _mean(rated), _mean(rated + [1] * (n - len(rated)))
     out.update({
         "judged": len(rated),
         "unparseable": sum(1 for j in js if j is not None and j.status == "unparseable"),
         "failed": sum(1 for j in js if j is None or j.status == "failed"),
-        "score": _mean10(rated),
-        "score_failures_as_1": _mean10(rated + [1] * (n - len(rated))) if n else None,
+        "lenient_only": sum(1 for j in ok if j.lenient_only),
+        "out_of_range": sum(1 for j in ok if j.out_of_range),
+        "by_rule": {rule: sum(1 for j in ok if j.rule == rule) for rule, _ in OFFICIAL_RULES},
+        "mean_rating": mean,  # the official scripts' number (1-10 scale)
+        "score": _x10(mean),  # x 10: the published tables' scale
+        "mean_rating_failures_as_1": mean1,
+        "score_failures_as_1": _x10(mean1),
     })
     return out
 
 
-def judge_scores(questions: list[dict], predictions: dict, judgements: dict) -> dict:
-    """Per task (and region per class) judge scores; `predictions`: id -> answer; `judgements`: id -> Judgement."""
+def judge_scores(questions: list[dict], predictions: dict, judgements: dict, region_extended: bool = False) -> dict:
+    """Per task (and region per official class) judge scores; `predictions`: id -> answer; `judgements`: id -> Judgement.
+
+    Region, as upstream: only questions whose category the official table knows (``official_class``) count, in
+    the region score and in its 7 classes; the others are counted under ``dropped`` (by category name). With
+    `region_extended`, ``region_extended`` adds our view: every region question, our class mapping (``class``),
+    unknown names in "other"."""
     out = {}
     for task in TASKS:
         qs = [q for q in questions if q["task"] == task]
         if not qs:
             continue
-        out[task] = _summary(qs, predictions, judgements)
         if task == "region":
-            classes = [c for c in REGION_CLASSES + (OTHER,) if c in REGION_CLASSES or any(q["class"] == c for q in qs)]
-            out[task]["per_class"] = {c: _summary([q for q in qs if q["class"] == c], predictions, judgements) for c in classes}
+            kept = [q for q in qs if q.get("official_class")]
+            dropped = Counter(q.get("category", "") for q in qs if not q.get("official_class"))
+            out[task] = _summary(kept, predictions, judgements)
+            out[task]["dropped"] = {"questions": sum(dropped.values()), "by_category": dict(sorted(dropped.items()))}
+            out[task]["per_class"] = {c: _summary([q for q in kept if q["official_class"] == c], predictions, judgements) for c in REGION_CLASSES}
+            if region_extended:
+                classes = [c for c in REGION_CLASSES + (OTHER,) if c in REGION_CLASSES or any(q["class"] == c for q in qs)]
+                out["region_extended"] = _summary(qs, predictions, judgements)
+                out["region_extended"]["per_class"] = {c: _summary([q for q in qs if q["class"] == c], predictions, judgements) for c in classes}
+        else:
+            out[task] = _summary(qs, predictions, judgements)
     if all(t in out and out[t]["score"] is not None for t in TASKS):
-        out["final"] = {k: sum(out[t][k] for t in TASKS) / 3 for k in ("score", "score_failures_as_1")}
+        keys = ("mean_rating", "score", "mean_rating_failures_as_1", "score_failures_as_1")
+        out["final"] = {k: sum(out[t][k] for t in TASKS) / 3 for k in keys}
     return out
 
 

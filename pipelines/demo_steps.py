@@ -262,7 +262,8 @@ def coda_eval(ctx, model_dir: Path, out: Path) -> dict:
     judge = judge_settings(ctx.cfg) or {}
     options = CodaEvalOptions(annotations=str(ctx.step_dir("skills") / "heldout"), model=str(model_dir), out=str(out),
                               batch_size=int(e["batch_size"]), max_new_tokens=int(e["qa_max_new_tokens"]), dtype="float32",
-                              judge_url=judge.get("url"), judge_model=judge.get("model"), judge_key_env=judge.get("key_env", "OPENAI_API_KEY"))
+                              judge_url=judge.get("url"), judge_model=judge.get("model"), judge_key_env=judge.get("key_env", "OPENAI_API_KEY"),
+                              region_extended=True)  # simulator categories are not in the official CODA-LM region table
     result = evaluate(options)
     scores = result.scores
     return {"offline": scores["offline"], "judge": scores["judge"], "judge_scores": scores["judge_scores"], "counts": scores["counts"],

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from eval.coda_judge import Judgement
-from eval.coda_questions import class_of
+from eval.coda_questions import class_of, official_class_of
 from eval.coda_scores import degenerate_reason, judge_scores, mentioned_classes, object_recall, offline_scores
 from eval.text_metrics import bleu4, cider_d, rouge_l
 
@@ -67,6 +67,16 @@ def test_class_mapping(name, cls):
     assert class_of(name) == cls
 
 
+# The official table, by hand from DLUT-LYZ/CODA-LM@24544cc evaluation/stage3_eval_batch.py:50-58 and its lookup
+# `if category_name in label_info` (:68-70): exact, case-sensitive names; anything else -> None (dropped).
+@pytest.mark.parametrize("name,cls", [("car", "vehicle"), ("construction_vehicle", "vehicle"), ("cart", "vru"), ("warning_sign", "traffic_sign"),
+                                      ("traffic_light", "traffic_light"), ("bollard", "barrier"), ("suitcace", "miscellaneous"), ("misc", "miscellaneous"),
+                                      ("Car", None), ("suitcase", None), ("van", None), ("vehicle", None), ("miscellaneous", None),
+                                      ("czone_sign", None), ("traffic cone", None), ("", None)])
+def test_official_class_table(name, cls):
+    assert official_class_of(name) == cls
+
+
 def test_mentioned_classes():
     assert mentioned_classes("Two cars ahead, a traffic light turns red and a pedestrian crosses.") == {"vehicle", "traffic_light", "vru"}
     assert mentioned_classes("Cones and a barrier; a warning sign.") == {"traffic_cone", "barrier", "traffic_sign"}
@@ -116,8 +126,9 @@ def test_object_recall_over_well_formed_answers_flags_degenerate_text():
     assert none["degenerate"] == none["answers"] == 2 and none["recall"] is None and none["precision"] is None and none["scenes"] == 0
 
 
-def _q(qid, task, cls=""):
-    return {"question_id": qid, "task": task, "class": cls, "reference": f"reference of {qid}", "annotated_classes": []}
+def _q(qid, task, cls="", official=None, category=""):
+    return {"question_id": qid, "task": task, "class": cls, "official_class": official if official is not None else (cls if cls != "other" else None),
+            "category": category, "reference": f"reference of {qid}", "annotated_classes": []}
 
 
 def test_judge_scores_hand_computation():
@@ -128,19 +139,24 @@ def test_judge_scores_hand_computation():
     J = lambda r: Judgement("ok", r)  # noqa: E731
     judgements = {"g1": J(8), "g2": J(6), "g3": Judgement("unparseable", reply="?"), "r1": J(9), "r2": J(5), "r3": Judgement("failed", error="x"),
                   "r4": J(2), "s1": J(7)}
-    s = judge_scores(qs, preds, judgements)
+    s = judge_scores(qs, preds, judgements, region_extended=True)
     g = s["general"]
     assert (g["questions"], g["predicted"], g["judged"], g["unparseable"], g["failed"], g["missing"]) == (3, 3, 2, 1, 0, 0)
     assert g["score"] == pytest.approx(70.0) and g["score_failures_as_1"] == pytest.approx(50.0)  # (8+6)/2, (8+6+1)/3
-    r = s["region"]
-    assert r["score"] == pytest.approx(10 * 16 / 3) and r["score_failures_as_1"] == pytest.approx(10 * 17 / 4) and r["failed"] == 1
-    assert r["per_class"]["vehicle"]["score"] == pytest.approx(70.0)
+    assert g["mean_rating"] == pytest.approx(7.0) and g["mean_rating_failures_as_1"] == pytest.approx(5.0)  # the 1-10 scale
+    r = s["region"]  # official view: r4 (category not in the official table) is dropped, as stage3_eval_batch.py:243-279 drops it
+    assert r["questions"] == 3 and r["dropped"]["questions"] == 1
+    assert r["score"] == pytest.approx(70.0) and r["score_failures_as_1"] == pytest.approx(10 * 15 / 3) and r["failed"] == 1  # (9+5)/2; (9+5+1)/3
+    assert r["per_class"]["vehicle"]["score"] == pytest.approx(70.0) and "other" not in r["per_class"]
     assert r["per_class"]["traffic_cone"]["score"] is None and r["per_class"]["traffic_cone"]["score_failures_as_1"] == pytest.approx(10.0)
-    assert r["per_class"]["other"]["score"] == pytest.approx(20.0) and r["per_class"]["vru"]["questions"] == 0
+    x = s["region_extended"]  # our view: every region question, r4 in "other"
+    assert x["score"] == pytest.approx(10 * 16 / 3) and x["score_failures_as_1"] == pytest.approx(10 * 17 / 4)
+    assert x["per_class"]["other"]["score"] == pytest.approx(20.0) and x["per_class"]["vru"]["questions"] == 0
     sg = s["suggestion"]
     assert (sg["missing"], sg["score"], sg["score_failures_as_1"]) == (1, pytest.approx(70.0), pytest.approx(40.0))
-    assert s["final"]["score"] == pytest.approx((70 + 160 / 3 + 70) / 3)
-    assert s["final"]["score_failures_as_1"] == pytest.approx((50 + 42.5 + 40) / 3)
+    assert s["final"]["score"] == pytest.approx((70 + 70 + 70) / 3) and s["final"]["mean_rating"] == pytest.approx(7.0)
+    assert s["final"]["score_failures_as_1"] == pytest.approx((50 + 50 + 40) / 3)
+    assert "region_extended" not in judge_scores(qs, preds, judgements)
 
 
 def test_offline_scores_count_missing_as_empty():

@@ -12,7 +12,8 @@ from datasets_cfg.schema import ScenePool, new_row
 from datasets_cfg.sources.coda_lm import CodaFormatError, read_split
 from eval.coda_prompts import PromptError, load_official_prompts, own_prompts
 from eval.coda_questions import QuestionBuilder
-from tests.coda_lm_fixtures import coda_tree, make_image, official_checkout, pool_qa as _qa, sim_pool
+from tests.coda_lm_fixtures import coda_tree, make_image, official_checkout, sim_pool
+from tests.coda_lm_fixtures import pool_qa as _qa
 
 
 @pytest.fixture()

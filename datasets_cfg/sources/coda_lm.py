@@ -34,9 +34,14 @@ Also read: question lists in LLaVA conversation format (a JSON list or JSONL of 
 is a region question). Region boxes are drawn into those images, so such rows keep the boxed image as an extra
 image entry (camera ``front_box:K``) and an empty ``box``.
 
-Bad input (malformed JSON, a missing field, a wrong type, a path escaping the image root, a missing image, a
-box outside the image, a duplicate id) raises `CodaFormatError` naming the file, the field and what was
-expected; with ``skip_invalid`` the file (or record) is skipped and counted by reason instead.
+Two modes for the per-image files. Default (lenient): what the evaluation reads must be right (the general
+summary, each region's description, category and a finite [x, y, w, h], the driving suggestion; valid JSON, a
+file name that encodes the image); the rest is reported as a warning (counted by reason in the import report)
+and read anyway (a missing image, a box reaching outside the image, a key given twice: the last one, as
+``json.load`` keeps it) or left out (an unknown general-perception key, a malformed general object).
+``--strict``: every one of those is an error. An error (malformed JSON, a missing field, a wrong type, a path
+escaping the image root, ...) raises `CodaFormatError` naming the file, the field and what was expected; with
+``skip_invalid`` the file (or record) is skipped and counted by reason instead.
 """
 from __future__ import annotations
 
@@ -112,22 +117,35 @@ class ImportReport:
     questions: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
     errors: list = field(default_factory=list)
+    warnings: Counter = field(default_factory=Counter)  # lenient mode: what was read anyway, or left out, by reason
+    warning_texts: list = field(default_factory=list)
+    strict: bool = False
+
+    def warn(self, err: "CodaFormatError") -> None:
+        self.warnings[err.kind] += 1
+        self.warning_texts.append(str(err))
 
     def as_dict(self) -> dict:
-        return {"files": self.files, "scenes": self.scenes, "questions": dict(self.questions),
-                "skipped": sum(self.skipped.values()), "skipped_by_reason": dict(self.skipped), "first_errors": self.errors[:20]}
+        return {"mode": "strict" if self.strict else "lenient", "files": self.files, "scenes": self.scenes, "questions": dict(self.questions),
+                "skipped": sum(self.skipped.values()), "skipped_by_reason": dict(self.skipped), "first_errors": self.errors[:20],
+                "warnings": sum(self.warnings.values()), "warnings_by_reason": dict(self.warnings), "first_warnings": self.warning_texts[:20]}
 
 
 # ----------------------------------------------------------------------------------------------
 # small validated readers
 
 
-def _load_json(path: Path) -> Any:
+def _load_json(path: Path, warn=None) -> Any:
+    """The JSON of `path`; a key given twice in one object is an error, or, with `warn` (lenient mode), reported
+    and the last value kept, as Python's json.load keeps it (what the official scripts read)."""
     def no_dup(pairs):
         seen = {}
         for k, v in pairs:
             if k in seen:
-                raise _fail(path, k, "unique keys in every JSON object (unique question ids)", f"{k!r} twice", "duplicate id")
+                err = _fail(path, k, "unique keys in every JSON object (unique question ids)", f"{k!r} twice", "duplicate id")
+                if warn is None:
+                    raise err
+                warn(err)
             seen[k] = v
         return seen
 
@@ -174,17 +192,26 @@ def image_size(path: Path, where: Any) -> tuple[int, int]:
         raise _fail(where, "image", "a readable image file", f"{path} ({type(e).__name__})", "unreadable image") from None
 
 
-def check_box(box: Any, size: tuple[int, int], where: Any, field_: str) -> list[float]:
-    """A finite [x, y, w, h] (pixels, top-left origin, w, h > 0) that lies inside the image (± 1 px)."""
+def check_box(box: Any, size: tuple[int, int] | None, where: Any, field_: str, warn=None) -> list[float]:
+    """A finite [x, y, w, h] (pixels, top-left origin, w, h > 0) that lies inside the image (± 1 px).
+
+    With `warn` (lenient mode) a box reaching outside the image is reported and kept as given (the official
+    evaluation never checks it; a rectangle drawn on the image shows its visible part); `size` None (image
+    missing in lenient mode) skips that check."""
     if not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
         raise _fail(where, field_, "[x, y, w, h]: a list of 4 numbers (pixels)", box)
     x, y, w, h = (float(v) for v in box)
     if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
         raise _fail(where, field_, "finite [x, y, w, h] with w > 0 and h > 0", box, "bad box")
+    if size is None:
+        return [x, y, w, h]
     W, H = size
     t = BOX_TOLERANCE_PX
     if x < -t or y < -t or x + w > W + t or y + h > H + t:
-        raise _fail(where, field_, f"a box inside the {W}x{H} image", box, "box outside image")
+        err = _fail(where, field_, f"a box inside the {W}x{H} image", box, "box outside image")
+        if warn is None:
+            raise err
+        warn(err)
     return [x, y, w, h]
 
 
@@ -209,16 +236,38 @@ def image_rel_path(json_name: str) -> str:
     return f"{m.group(1)}/images/{m.group(2)}.jpg"
 
 
-def read_annotation(path: str | os.PathLike, image_root: str | os.PathLike, split: str) -> dict:
-    """One CODA-LM annotation file -> one validated ScenePool row. Raises `CodaFormatError`."""
+def read_annotation(path: str | os.PathLike, image_root: str | os.PathLike, split: str, strict: bool = True, warn=None) -> dict:
+    """One CODA-LM annotation file -> one ScenePool row. Raises `CodaFormatError`.
+
+    `strict`: every check (module doc). Lenient (`strict=False`, `warn` called with each `CodaFormatError` it
+    lets pass): only what the evaluation reads must be right — the general summary (or, without one, the objects
+    it is joined from), each region's description, category and a usable [x, y, w, h], the driving suggestion
+    (stage1_eval_batch.py:197-198, stage2_eval_batch.py:196, stage3_eval_batch.py:38-47, the box for drawing as
+    convert2vqa.py draws it). Reported and read anyway: a missing image (the row keeps its path; boxes are not
+    checked against the image), a box reaching outside the image, a key given twice (the last kept). Reported
+    and left out: an unknown general-perception key, a general object that is not {description, explanation}."""
     path, image_root = Path(path), Path(image_root)
+    if not strict and warn is None:
+        raise ValueError("read_annotation: lenient mode needs a warn callback")
+    lenient_warn = None if strict else warn
     rel = image_rel_path(path.name)
-    data = _load_json(path)
+    data = _load_json(path, lenient_warn)
     if not isinstance(data, dict):
         raise _fail(path, "(top level)", "a JSON object with general_perception, region_perception, driving_suggestion", data)
     scene = path.stem
-    image = resolve_image(image_root, rel, path, f"image ({path.name} encodes {rel})")
-    size = image_size(image, path)
+    try:
+        image = resolve_image(image_root, rel, path, f"image ({path.name} encodes {rel})")
+        size = image_size(image, path)
+    except CodaFormatError as e:
+        if strict or e.kind != "missing image":
+            raise
+        warn(e)
+        image, size = Path(os.path.normpath(os.path.join(os.path.abspath(image_root), rel))), None
+
+    def lenient(err: CodaFormatError) -> None:
+        if strict:
+            raise err
+        warn(err)
 
     gp = _get(data, "general_perception", path, "general_perception", dict, "an object of category lists")
     objects, qa = [], []
@@ -228,9 +277,12 @@ def read_annotation(path: str | os.PathLike, image_root: str | os.PathLike, spli
             continue
         cat = _norm_category(key)
         if cat not in GENERAL_CATEGORIES:
-            raise _fail(path, f"general_perception.{key}", f"one of the category keys {list(GENERAL_CATEGORIES)} or '{SUMMARY_KEY}'", key, "unknown field")
+            lenient(_fail(path, f"general_perception.{key}", f"one of the category keys {list(GENERAL_CATEGORIES)} or '{SUMMARY_KEY}'", key,
+                          "unknown field"))
+            continue
         if not isinstance(value, list):
-            raise _fail(path, f"general_perception.{key}", "a list of {description, explanation}", value)
+            lenient(_fail(path, f"general_perception.{key}", "a list of {description, explanation}", value))
+            continue
         by_cat[cat] = (key, value)
     for cat in GENERAL_CATEGORIES:
         if cat not in by_cat:
@@ -238,10 +290,14 @@ def read_annotation(path: str | os.PathLike, image_root: str | os.PathLike, spli
         key, value = by_cat[cat]
         for k, obj in enumerate(value):
             f = f"general_perception.{key}[{k}]"
-            if not isinstance(obj, dict):
-                raise _fail(path, f, "an object {description, explanation}", obj)
-            d = _get(obj, "description", path, f"{f}.description", str, "a string")
-            e = _get(obj, "explanation", path, f"{f}.explanation", str, "a string")
+            try:
+                if not isinstance(obj, dict):
+                    raise _fail(path, f, "an object {description, explanation}", obj)
+                d = _get(obj, "description", path, f"{f}.description", str, "a string")
+                e = _get(obj, "explanation", path, f"{f}.explanation", str, "a string")
+            except CodaFormatError as err:
+                lenient(err)
+                continue
             text = f"{d} {e}".strip()
             objects.append(text)
             qa.append(_qa(f"{scene}:general:{key}:{k}", "general_object", "", text, key))
@@ -258,12 +314,12 @@ def read_annotation(path: str | os.PathLike, image_root: str | os.PathLike, spli
             raise _fail(path, f, "an object {description and explanation, box, category_name}", obj)
         text = _get(obj, SUMMARY_KEY, path, f"{f}.{SUMMARY_KEY}", str, "a string")
         cat = _get(obj, "category_name", path, f"{f}.category_name", str, "a string")
-        box = check_box(_get(obj, "box", path, f"{f}.box", list, "[x, y, w, h] (pixels)"), size, path, f"{f}.box")
+        box = check_box(_get(obj, "box", path, f"{f}.box", list, "[x, y, w, h] (pixels)"), size, path, f"{f}.box", lenient_warn)
         qa.append(_qa(f"{scene}:region:{key}", "region", QUESTIONS["region"], text, cat, box))
 
     sugg = _get(data, "driving_suggestion", path, "driving_suggestion", str, "a string")
     qa.append(_qa(f"{scene}:suggestion", "suggestion", QUESTIONS["suggestion"], sugg))
-    meta = {"log_name": scene, "timestamp_s": 0.0, "annotation_file": str(path), "image_size": list(size), "format": "coda_lm"}
+    meta = {"log_name": scene, "timestamp_s": 0.0, "annotation_file": str(path), "image_size": list(size) if size else None, "format": "coda_lm"}
     return new_row(scene, "coda_lm", split, tags=["corner_case"], images=[{"frame": 0, "camera": CAMERA, "path": str(image)}],
                    qa=qa, meta=json.dumps(meta))
 
@@ -383,11 +439,15 @@ def split_dir(annotations: str | os.PathLike, split: str) -> Path:
 
 
 def read_split(annotations: str | os.PathLike, image_root: str | os.PathLike, split: str, skip_invalid: bool = False,
-               report: ImportReport | None = None, progress: bool = True) -> list[dict]:
-    """Rows for a split: a folder of per-image JSON files, or one LLaVA-format JSON/JSONL question list."""
+               report: ImportReport | None = None, progress: bool = True, strict: bool = False) -> list[dict]:
+    """Rows for a split: a folder of per-image JSON files, or one LLaVA-format JSON/JSONL question list.
+
+    `strict` False (the default): per-image files are read leniently (`read_annotation`), what is let pass is
+    counted in `report.warnings`; True: every check. Question lists are always read strictly."""
     from tqdm import tqdm
 
     report = report if report is not None else ImportReport()
+    report.strict = strict
     src = Path(annotations)
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such annotation folder or file")
@@ -406,7 +466,7 @@ def read_split(annotations: str | os.PathLike, image_root: str | os.PathLike, sp
     for p in tqdm(files, desc=f"coda_lm {split}", disable=not progress, leave=False):
         report.files += 1
         try:
-            row = read_annotation(p, image_root, split.lower())
+            row = read_annotation(p, image_root, split.lower(), strict=strict, warn=report.warn)
         except CodaFormatError as e:
             if not skip_invalid:
                 raise
@@ -430,6 +490,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", required=True, help="split name stored in the rows (Train, Val, Test, Mini, ...)")
     parser.add_argument("--out", required=True, help="ScenePool directory to write")
     parser.add_argument("--skip-invalid", action="store_true", help="skip bad files/records and count them instead of stopping")
+    parser.add_argument("--strict", action="store_true", help="check every field (every general object, boxes inside the image to 1 px, "
+                        "the image present, no key twice); default: check what the evaluation reads and count the rest as warnings")
 
 
 def run(args) -> int:
@@ -438,7 +500,7 @@ def run(args) -> int:
 
     report = ImportReport()
     try:
-        rows = read_split(args.annotations, args.images, args.split, skip_invalid=args.skip_invalid, report=report)
+        rows = read_split(args.annotations, args.images, args.split, skip_invalid=args.skip_invalid, report=report, strict=args.strict)
         if not rows:
             raise CodaFormatError(f"{args.annotations}: no valid scene to write ({sum(report.skipped.values())} skipped)", "empty")
         pool = ScenePool.from_rows(rows, where=str(args.annotations))
@@ -450,4 +512,7 @@ def run(args) -> int:
         return 1
     write_json(Path(args.out) / "coda_import.json", report.as_dict())
     print(json.dumps(report.as_dict(), indent=2))
+    if report.warnings:
+        print(f"mose import coda: warning: {sum(report.warnings.values())} problem(s) the evaluation does not read were let pass "
+              f"({', '.join(f'{k} {n}' for k, n in sorted(report.warnings.items()))}); --strict refuses them", file=sys.stderr)
     return 0
