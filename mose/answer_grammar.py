@@ -29,7 +29,9 @@ to meet it.
 
 Token level: the vocabulary's byte strings go into a byte trie (byte-level BPE tokens are mapped back through
 GPT-2's byte alphabet; other tokenizers through `decode`); a state's allowed tokens, the states they lead to and
-those states' costs come from one walk of the trie from that state, cached per state. The processor
+those states' costs come from one walk of the trie from that state, cached per state; free text is tabled once per
+section for every line length (a token of k text bytes moves the length by k), so a large vocabulary is not walked
+once per length. The processor
 (`AnswerLogitsProcessor`, a transformers `LogitsProcessor`) advances each row's state by the token chosen at the
 last step, works with greedy `generate`, batches (left padding) and the KV cache, and leaves rows that have
 finished alone.
@@ -354,9 +356,12 @@ class AnswerConstraint:
             raise AnswerGrammarError(f"AnswerConstraint: the tokenizer has no single-byte token for {missing}; "
                                      "the forced completion needs one for every byte of the answer's structure")
         self._masks: dict[tuple, _Mask] = {}
+        self._texts: dict[int, tuple] = {}
 
     def mask(self, state: tuple) -> _Mask:
-        """Allowed tokens from `state`, the states they lead to and their costs (cached)."""
+        """All tokens allowed from `state` (budget aside), the states they lead to and those states' costs (cached).
+
+        Free text past its first byte goes through `_text_table` instead (`allowed`, `advance`)."""
         m = self._masks.get(state)
         if m is not None:
             return m
@@ -382,6 +387,70 @@ class AnswerConstraint:
         m = _Mask(torch.tensor(ids, dtype=torch.long), torch.tensor([g.cost(nxt[i]) for i in ids], dtype=torch.long), nxt)
         self._masks[state] = m
         return m
+
+    def _text_table(self, i: int):
+        """Free text of section i after its first byte, for every n at once (one walk per section, not per length).
+
+        A token is either all text bytes (k of them: from ("text", i, n) it leads to ("text", i, n + k), allowed while
+        n + k <= line_cap; cost 1 + cost(line start) whatever n) or k text bytes, a newline and a rest walked from the
+        line start (the state after it does not depend on n). Returns (pure ids, pure k, pure cost, exit ids, exit k,
+        exit costs, {token: (k, state or None)})."""
+        tab = self._texts.get(i)
+        if tab is not None:
+            return tab
+        import torch
+
+        g = self.grammar
+        line = ("line", i)
+        pure, exits, look = [], [], {}
+        for tid, b in enumerate(self.vocab):
+            if not b:
+                continue
+            k = b.find(b"\n")
+            body = b if k < 0 else b[:k]
+            if not all(_text_byte(x, False) for x in body):
+                continue
+            if k < 0:
+                pure.append((tid, len(body)))
+                look[tid] = (len(body), None)
+                continue
+            st = line
+            for x in b[k + 1:]:
+                st = g.step(st, x)
+                if st is None:
+                    break
+            if st is not None:
+                exits.append((tid, k, st))
+                look[tid] = (k, st)
+        text_cost = g.cost(("text", i, 1))  # = 1 + cost(line start): every n >= 1 alike
+        tab = (torch.tensor([t for t, _ in pure], dtype=torch.long), torch.tensor([k for _, k in pure], dtype=torch.long), text_cost,
+               torch.tensor([t for t, _, _ in exits], dtype=torch.long), torch.tensor([k for _, k, _ in exits], dtype=torch.long),
+               torch.tensor([g.cost(st) for _, _, st in exits], dtype=torch.long), look)
+        self._texts[i] = tab
+        return tab
+
+    def allowed(self, state: tuple, left: int):
+        """Token ids allowed from `state` with `left` tokens left after this one (a LongTensor)."""
+        import torch
+
+        if state[0] == "text" and state[2] >= 1:
+            pure_ids, pure_k, text_cost, exit_ids, exit_k, exit_cost, _ = self._text_table(state[1])
+            room = self.grammar.line_cap - state[2]
+            keep = exit_ids[(exit_k <= room) & (exit_cost <= left)]
+            if text_cost <= left:
+                keep = torch.cat([pure_ids[pure_k <= room], keep])
+            return keep
+        m = self.mask(state)
+        return m.ids[m.costs <= left]
+
+    def advance(self, state: tuple, token: int) -> tuple | None:
+        """The state after `token` (None when the grammar does not allow it)."""
+        if state[0] == "text" and state[2] >= 1:
+            hit = self._text_table(state[1])[-1].get(token)
+            if hit is None or state[2] + hit[0] > self.grammar.line_cap:
+                return None
+            return ("text", state[1], state[2] + hit[0]) if hit[1] is None else hit[1]
+        return self.mask(state).nxt.get(token)
 
     def min_new_tokens(self) -> int:
         """The smallest budget that always completes an answer (the shortest answer, one byte per token)."""
@@ -425,7 +494,7 @@ class AnswerLogitsProcessor(_LogitsProcessor):
                 if s == ("end",):
                     self.states[r] = None
                     continue
-                t = self.c.mask(s).nxt.get(last[r])
+                t = self.c.advance(s, last[r])
                 if t is None:
                     raise AnswerGrammarError(f"row {r}: token {last[r]} is outside the answer grammar "
                                              "(another logits processor or a sampling step overrode the mask?)")
@@ -436,8 +505,7 @@ class AnswerLogitsProcessor(_LogitsProcessor):
             if s is None:
                 out[r] = scores[r]
                 continue
-            m = self.c.mask(s)
-            ids = m.ids[m.costs <= left - 1]
+            ids = self.c.allowed(s, left - 1)
             ids = ids[ids < scores.shape[1]]
             out[r, ids] = scores[r, ids]
         return out

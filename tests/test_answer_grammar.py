@@ -146,16 +146,21 @@ def test_token_masks_match_the_grammar_regex(tiny):
     target = _target(3)
     cuts = [0, 5, len("<perception>\n[veh"), target.index("parked") + 2, target.index("</perception>"), target.index("[trajectory]"),
             target.index("(8.02") + 3, target.index("(32.08") + 5]
+    prefixes = [target[:c] for c in cuts] + ["<perception>\n[vehicles] " + "ahead " * 39]  # 234 of the 240 text bytes
     sizes = []
-    for cut in cuts:
-        prefix = target[:cut]
+    for prefix in prefixes:
         want = {i for i, b in enumerate(vocab) if b and b.isascii() and ANSWER.fullmatch(prefix + b.decode(), partial=True)}
-        m = c.mask(c.grammar.accepts(prefix))
-        got = {i for i in m.ids.tolist() if vocab[i].isascii()}
+        state = c.grammar.accepts(prefix)
+        allowed = c.allowed(state, 10**6).tolist()
+        got = {i for i in allowed if vocab[i].isascii()}
         assert got == want, prefix
+        for i in allowed:  # the state a token leads to is the state of the longer prefix
+            assert c.advance(state, i) == c.grammar.accepts(prefix.encode() + vocab[i])
         sizes.append(len(want))
-    assert max(sizes) > 100 and any(len(vocab[i]) > 1 for i in c.mask(c.grammar.accepts(target[:cuts[3]])).ids.tolist())
-    assert c.mask(c.grammar.accepts(target)).ids.tolist() == [tok.eos_token_id]
+    text_state = c.grammar.accepts(target[:cuts[3]])
+    assert max(sizes) > 100 and any(len(vocab[i]) > 1 for i in c.allowed(text_state, 10**6).tolist())
+    assert c.allowed(c.grammar.accepts(target), 10**6).tolist() == [tok.eos_token_id]
+    assert c.allowed(text_state, 0).tolist() == []  # no budget left after this token: nothing but a complete answer fits
 
 
 @pytest.mark.parametrize("budget", [154, 170, 260])
