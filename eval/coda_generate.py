@@ -5,6 +5,10 @@ checkpoints register themselves with the Auto classes when `mose.modeling` is im
 The prompt is the processor's chat template applied to one user turn (image, then question text); a processor
 without a chat template gets ``"<image token>\\n{question}"``.
 
+`constrained=True` decodes through the step-by-step answer grammar (mose/answer_grammar.py): every answer then
+parses with `mose.skill_format.parse_answer` (8 poses, closed tags) within `max_new_tokens`. Off by default (CODA
+answers are free text); with it off, generation is plain greedy `generate`.
+
 Predictions are appended to a JSONL file, one line per question id (with the model and the question text),
 flushed after every batch: an interrupted run leaves whole lines (a last line cut short is dropped on resume)
 and the next run answers only the ids the file does not have yet. Resuming with another model or reworded
@@ -42,12 +46,15 @@ def read_predictions_log(path: str | os.PathLike) -> dict[str, dict]:
 class Generator:
     """Parameters in __init__; `load()` sets `model_` and `processor_`; `run()` answers what is not answered yet."""
 
-    def __init__(self, model_path: str, batch_size: int = 4, max_new_tokens: int = 512, device: str | None = None, dtype: str = "auto"):
+    def __init__(self, model_path: str, batch_size: int = 4, max_new_tokens: int = 512, device: str | None = None, dtype: str = "auto",
+                 constrained: bool = False, taxonomy=None):
         self.model_path = model_path
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.device = device
         self.dtype = dtype
+        self.constrained = constrained
+        self.taxonomy = taxonomy
 
     def load(self) -> "Generator":
         import torch
@@ -67,6 +74,18 @@ class Generator:
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
         self.device_ = device
+        if self.constrained:
+            from mose.answer_grammar import AnswerConstraint
+
+            eos = self.model_.generation_config.eos_token_id
+            eos = [eos] if isinstance(eos, int) else list(eos or [])
+            eos = list(dict.fromkeys([tok.eos_token_id, *eos]))
+            from mose.skills import load_taxonomy
+
+            # the public entry point: None means the packaged taxonomy, resolved here once
+            tax = self.taxonomy if self.taxonomy is not None else load_taxonomy(None)
+            self.constraint_ = AnswerConstraint(tok, tax, eos_token_ids=[e for e in eos if e is not None])
+            self.constraint_.logits_processor(self.max_new_tokens)  # a budget below the shortest answer fails here, before any generation
         return self
 
     def _prompt(self, question: str) -> str:
@@ -89,8 +108,13 @@ class Generator:
         inputs = inputs.to(self.device_)
         if "pixel_values" in inputs and self.model_.dtype.is_floating_point:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model_.dtype)
+        extra = {}
+        if self.constrained:
+            from transformers import LogitsProcessorList
+
+            extra["logits_processor"] = LogitsProcessorList([self.constraint_.logits_processor(self.max_new_tokens)])
         with torch.inference_mode():
-            out = self.model_.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+            out = self.model_.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, **extra)
         new = out[:, inputs["input_ids"].shape[1]:]
         return [t.strip() for t in self.processor_.batch_decode(new, skip_special_tokens=True)]
 

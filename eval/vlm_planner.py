@@ -14,7 +14,11 @@ trajectory read back from the answer with the skill-format parser.
   frame (the last step repeated at its end), or fails again when the last answer had no plan. Every call is kept in
   `decisions_`.
 
-Generation goes through eval/coda_generate.Generator (the CODA evaluation's generator), one scene per call.
+Generation goes through eval/coda_generate.Generator (the CODA evaluation's generator), one scene per call,
+constrained by default to the answer grammar (mose/answer_grammar.py: every answer parses, 8 poses, within the
+budget); `constrained=False` gives plain greedy decoding. `max_new_tokens` is the generation budget: pass one
+computed from the data (`mose.answer_grammar.answer_budget` of the longest training target), never a constant that
+can cut a correct answer; without one, `load` refuses.
 """
 from __future__ import annotations
 
@@ -93,8 +97,8 @@ def draw_topdown(scene, image_size: int = 64):
 class ModelPlanner:
     """`planner(scene) -> (8, 3)` poses from a checkpoint's generated step-by-step answer (module doc)."""
 
-    def __init__(self, model_path: str | Path, max_new_tokens: int = 448, image_size: int = 64, replan_every: int = 1,
-                 interval: float = 0.5, *, taxonomy: Taxonomy):
+    def __init__(self, model_path: str | Path, max_new_tokens: int | None = None, image_size: int = 64, replan_every: int = 1,
+                 interval: float = 0.5, *, taxonomy: Taxonomy, constrained: bool = True):
         if replan_every < 1:
             raise ValueError(f"ModelPlanner: replan_every must be >= 1, got {replan_every}")
         self.model_path = str(model_path)
@@ -103,13 +107,18 @@ class ModelPlanner:
         self.replan_every = replan_every
         self.interval = interval
         self.taxonomy = taxonomy
+        self.constrained = constrained
         self.decisions_: list[dict] = []
         self._last = None  # (log name, frame time s, global ego pose, poses or None, reason) of the last model answer
 
     def load(self) -> "ModelPlanner":
         from eval.coda_generate import Generator
 
-        self.generator_ = Generator(self.model_path, batch_size=1, max_new_tokens=self.max_new_tokens).load()
+        if self.max_new_tokens is None:
+            raise ValueError(f"ModelPlanner({self.model_path}): max_new_tokens is not set; pass the budget from the data "
+                             "(mose.answer_grammar.answer_budget of the longest training target)")
+        self.generator_ = Generator(self.model_path, batch_size=1, max_new_tokens=int(self.max_new_tokens), constrained=self.constrained,
+                                    taxonomy=self.taxonomy).load()
         self._tmp = tempfile.TemporaryDirectory(prefix="mose-planner-")
         return self
 

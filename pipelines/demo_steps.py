@@ -290,6 +290,20 @@ def _epdms(ctx, scenes, trajectories: dict, reasons: dict, out_csv: Path) -> dic
             "scores_csv": _rel(ctx, out_csv)}
 
 
+def plan_budget(ctx, model_dir: Path, cap, where: str) -> dict:
+    """The step-by-step answer's generation budget: the longest hierarchical target of the training pool in the
+    checkpoint's tokens plus a margin (mose/answer_grammar.py answer_budget), capped by the config value `where` if set."""
+    from datasets_cfg.schema import ScenePool
+    from datasets_cfg.skill_items import pool_items
+    from mose.answer_grammar import answer_budget, longest_target_tokens
+    from training.model_setup import load_processor
+
+    items, _ = pool_items(ScenePool.load(ctx.step_dir("skills") / "train"), ctx.taxonomy, kinds=("hierarchical",))
+    longest = longest_target_tokens(items["target"], load_processor(model_dir).tokenizer)
+    return {"longest_target_tokens": longest, "cap": None if cap is None else int(cap),
+            "max_new_tokens": answer_budget(longest, None if cap is None else int(cap), where=where)}
+
+
 def plan_eval(ctx, model_dir: Path, scenes, out: Path) -> dict:
     """The checkpoint's step-by-step answer per held-out scene -> trajectory -> EPDMS (unparseable = invalid row)."""
     from datasets_cfg.skill_items import hierarchical_prompt
@@ -305,8 +319,9 @@ def plan_eval(ctx, model_dir: Path, scenes, out: Path) -> dict:
         if not image:
             raise ValueError(f"held-out scene {s.id}: field 'images': expected an image of the current frame, got none")
         records.append({"question_id": s.id, "task": "planning", "question": hierarchical_prompt(s.row, ctx.taxonomy), "image": str(image[0])})
-    Generator(str(model_dir), batch_size=int(e["batch_size"]), max_new_tokens=int(e["plan_max_new_tokens"])).run(
-        records, out / "answers.jsonl", progress=ctx.progress)
+    budget = plan_budget(ctx, model_dir, e.get("plan_max_new_tokens"), "evaluate.plan_max_new_tokens")
+    Generator(str(model_dir), batch_size=int(e["batch_size"]), max_new_tokens=budget["max_new_tokens"],
+              constrained=bool(e.get("plan_constrained", True)), taxonomy=ctx.taxonomy).run(records, out / "answers.jsonl", progress=ctx.progress)
     answers = {k: v["answer"] for k, v in read_predictions_log(out / "answers.jsonl").items()}
     trajectories, reasons, parsed = {}, {}, []
     for s in scenes:
@@ -322,6 +337,7 @@ def plan_eval(ctx, model_dir: Path, scenes, out: Path) -> dict:
     res["format"] = {"answers": len(parsed), "format_ok": sum(p["format_ok"] for p in parsed),
                      "trajectory_complete": len(trajectories), "mean_trajectory_points": sum(p["trajectory_points"] for p in parsed) / max(len(parsed), 1)}
     res["answers"] = _rel(ctx, out / "answers.jsonl")
+    res["budget"] = budget
     return res
 
 
@@ -389,8 +405,9 @@ def closed_loop(ctx) -> dict:
 
     c = ctx.cfg["closed_loop"]
     image_size = int(ctx.cfg["simulate"]["image_size"])
-    planners = {m: ModelPlanner(final_model(ctx.run_dir, m), int(c["max_new_tokens"]), image_size, int(c["replan_every"]), taxonomy=ctx.taxonomy)
-                for m in MODELS}
+    budgets = {m: plan_budget(ctx, final_model(ctx.run_dir, m), c.get("max_new_tokens"), "closed_loop.max_new_tokens") for m in MODELS}
+    planners = {m: ModelPlanner(final_model(ctx.run_dir, m), budgets[m]["max_new_tokens"], image_size, int(c["replan_every"]),
+                                constrained=bool(c.get("constrained", True)), taxonomy=ctx.taxonomy) for m in MODELS}
     refs = {"pdm_closed": pdm_closed_planner, "constant_velocity": constant_velocity_planner}
     for r in c["references"]:
         if r not in refs:
@@ -409,7 +426,7 @@ def closed_loop(ctx) -> dict:
             asked = [x for x in planner.decisions_ if not x["followed_last_plan"]]
             res["decisions"] = {"total": len(planner.decisions_), "model_calls": len(asked), "replan_every": planner.replan_every,
                                 "trajectory_parsed": sum(not x["reason"] for x in asked), "format_ok": sum(bool(x["format_ok"]) for x in asked),
-                                "image": "drawn from the observation (closed-loop observations carry no render)"}
+                                "image": "drawn from the observation (closed-loop observations carry no render)", "budget": budgets[name]}
             planner.close()
         out["planners"][name] = res
     write_json(ctx.dir / "results.json", out)

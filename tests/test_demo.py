@@ -141,6 +141,13 @@ def test_report_numbers_come_from_the_step_outputs(demo):
         assert all(r["reason"] for r in invalid)
         answers = [json.loads(l) for l in (out / "evaluate" / "planning" / model / "answers.jsonl").read_text().splitlines()]
         assert sorted(a["question_id"] for a in answers) == sorted(r["token"] for r in per_scene)
+        # constrained decoding: every planned answer parses with 8 poses, within the test scale's cap of the budget from the data
+        assert plan["format"]["format_ok"] == plan["format"]["trajectory_complete"] == len(per_scene)
+        assert plan["budget"]["max_new_tokens"] == 160 < plan["budget"]["longest_target_tokens"]
+    closed = json.loads((out / "closed_loop" / "results.json").read_text())
+    for model in ("mose", "dense"):
+        d = closed["planners"][model]["decisions"]
+        assert d["model_calls"] >= 1 and d["format_ok"] == d["trajectory_parsed"] == d["model_calls"]
     # a reference agent's EPDMS too (the logged human future: valid on every scene)
     row = _table_row(md, "human (logged future)", "EPDMS (invalid = 0)")
     per_scene, _ = _csv_scores(out / "evaluate" / "planning" / "ref_human_scores.csv")
