@@ -8,7 +8,9 @@
 Routing accuracy (our definition; the paper reports none): over MoE layers and labelled tokens, the share whose
 top-1 expert lies in the expert group of the token's coarse skill (coarse) or of its own fine skill (fine;
 only tokens labelled with a non-root skill). Balance: the Switch/GShard E * sum_e f_e P_e per layer (1.0 =
-perfectly balanced) and the per-expert load. Used by the demo's routing step and the router-pretraining benchmark
+perfectly balanced) and the per-expert load. The reference a learned router must beat (`token_identity_accuracy`):
+the best router that sees only each token's identity (per token id, the expert serving most of its training
+tokens), scored the same way: it shows how much of the accuracy the token alone explains. Used by the demo's routing step and the router-pretraining benchmark
 (benchmarks/router_pretrain.py; its plain torch training loop is benchmarks/router_pretrain_loop.py).
 """
 from __future__ import annotations
@@ -156,4 +158,51 @@ def usage_heatmap(metrics: RoutingMetrics, taxonomy: Taxonomy, skill_groups: dic
     return save_figure(fig, path, dpi=110)
 
 
-__all__ = ["RoutingMetrics", "evaluate_routing", "usage_heatmap", "batch_to"]
+def token_identity_router(token_ids, skill_ids, groups: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The best router that sees only the token's identity: for each token id, the expert whose group holds the
+    most of that id's labelled training tokens (ties: the lowest expert index); ids never seen get the expert that
+    is best over all training tokens. `skill_ids` are the skills the router is scored against (e.g. the coarse
+    skill of each token); `groups` (num_skills, E) bool. Returns (vocab_size,) expert per token id."""
+    token_ids, skill_ids = np.asarray(token_ids, np.int64), np.asarray(skill_ids, np.int64)
+    hits = np.zeros((vocab_size, groups.shape[1]))
+    np.add.at(hits, token_ids, groups[skill_ids].astype(float))  # hits[v, e] = #tokens of id v that expert e serves
+    route = hits.argmax(1)  # argmax returns the first maximum: the lowest expert index on ties
+    route[hits.sum(1) == 0] = int(hits.sum(0).argmax())
+    return route
+
+
+def token_identity_accuracy(train: tuple, heldout: tuple, taxonomy: Taxonomy, skill_groups: dict, num_experts: int,
+                            vocab_size: int) -> dict:
+    """Routing accuracy of `token_identity_router`, in `evaluate_routing`'s terms (the routed expert lies in the group
+    of the token's coarse skill / of its fine skill), fitted on `train` and scored on `heldout`; each is a pair of
+    flat arrays (token ids, skill ids) of the labelled tokens. The reference a learned router has to beat: it shows
+    how much of the routing accuracy the token's identity alone explains."""
+    tax = taxonomy
+    groups = skill_group_matrix(skill_groups, num_experts).numpy()
+    coarse_of = np.array([tax.id(tax.root_of(n)) for n in tax.names])
+    is_fine = np.array([tax.parent(n) is not None for n in tax.names])
+    (tr_tok, tr_sk), (ho_tok, ho_sk) = (tuple(np.asarray(a, np.int64) for a in pair) for pair in (train, heldout))
+    coarse_route = token_identity_router(tr_tok, coarse_of[tr_sk], groups, vocab_size)
+    fine_tr = is_fine[tr_sk]
+    fine_route = token_identity_router(tr_tok[fine_tr], tr_sk[fine_tr], groups, vocab_size)
+    fine_ho = is_fine[ho_sk]
+    coarse_hits = groups[coarse_of[ho_sk], coarse_route[ho_tok]]
+    fine_hits = groups[ho_sk[fine_ho], fine_route[ho_tok[fine_ho]]]
+    return {"coarse_accuracy": round(float(coarse_hits.mean()) if len(coarse_hits) else float("nan"), 4),
+            "fine_accuracy": round(float(fine_hits.mean()) if len(fine_hits) else float("nan"), 4),
+            "coarse_tokens": int(len(coarse_hits)), "fine_tokens": int(len(fine_hits)), "train_tokens": int(len(tr_tok))}
+
+
+def labelled_tokens(dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, skill ids) of every skill-labelled token of a tokenised skill dataset (mose/skill_data.py)."""
+    toks, skills = [], []
+    for ids, lab in zip(dataset["input_ids"], dataset["skill_labels"]):
+        ids, lab = np.asarray(ids, np.int64), np.asarray(lab, np.int64)
+        keep = lab != IGNORE
+        toks.append(ids[keep])
+        skills.append(lab[keep])
+    return (np.concatenate(toks) if toks else np.zeros(0, np.int64)), (np.concatenate(skills) if skills else np.zeros(0, np.int64))
+
+
+__all__ = ["RoutingMetrics", "evaluate_routing", "usage_heatmap", "batch_to", "token_identity_router", "token_identity_accuracy",
+           "labelled_tokens"]

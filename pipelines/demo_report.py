@@ -396,8 +396,17 @@ def build_report(run_dir: str | Path, out_dir: str | Path) -> dict:
     rt = _get(ev, "models", "mose", "routing")
     if rt:
         md.append("## Routing per skill (MoSE, held-out hierarchical items)\n\n")
-        md.append(table(["coarse top-1 in group", "fine top-1 in group", "balance (1 = even)", "labelled tokens x layers", "held-out LM loss"],
-                        [[rt.get("coarse_accuracy"), rt.get("fine_accuracy"), rt.get("balance"), rt.get("coarse_tokens"), rt.get("lm_loss")]]))
+        tir = rt.get("token_identity_router") or {}
+        md.append(table(["router", "coarse top-1 in group", "fine top-1 in group", "balance (1 = even)", "labelled tokens (x layers)", "held-out LM loss"],
+                        [["MoSE (learned, label-free at inference)", rt.get("coarse_accuracy"), rt.get("fine_accuracy"), rt.get("balance"),
+                          rt.get("coarse_tokens"), rt.get("lm_loss")]]
+                        + ([["token identity only (reference)", tir.get("coarse_accuracy"), tir.get("fine_accuracy"), None, tir.get("coarse_tokens"), None]]
+                           if tir else [])))
+        if tir and rt.get("coarse_accuracy") is not None and tir.get("coarse_accuracy") is not None:
+            verdict = "beats" if rt["coarse_accuracy"] > tir["coarse_accuracy"] else "does not beat"
+            md.append(f"\nThe learned router {verdict} the token-identity reference on coarse skills ({rt['coarse_accuracy']:.4f} vs "
+                      f"{tir['coarse_accuracy']:.4f}): the reference is the best router that sees only each token's id (per id, the expert "
+                      f"serving most of its {tir.get('train_tokens')} training tokens; mose/routing_eval.py `token_identity_accuracy`).\n")
         per = rt.get("per_skill", {})
         groups = rt.get("skill_groups", {})
         rows = [[("&nbsp;&nbsp;" * depth.get(s, 0)) + s, ", ".join(map(str, groups.get(s, []))), per.get(s)] for s in rt.get("skills", []) if s in per]

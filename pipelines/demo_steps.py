@@ -346,7 +346,7 @@ def routing_eval(ctx, model_dir: Path, out: Path) -> dict:
     from datasets_cfg.schema import ScenePool
     from datasets_cfg.skill_items import pool_items
     from mose.modeling import MoSEForConditionalGeneration
-    from mose.routing_eval import evaluate_routing, usage_heatmap
+    from mose.routing_eval import evaluate_routing, labelled_tokens, token_identity_accuracy, usage_heatmap
     from mose.skill_data import SkillCollator, build_skill_dataset
     from training.model_setup import load_processor
 
@@ -359,11 +359,17 @@ def routing_eval(ctx, model_dir: Path, out: Path) -> dict:
         raise ValueError(f"{model_dir}/config.json: skill_groups must list the taxonomy's skills in skill-id order "
                          f"{tax.names}, got {list(model.config.skill_groups or {})}")
     metrics = evaluate_routing(model, ds, SkillCollator(processor), tax, batch_size=int(ctx.cfg["evaluate"]["batch_size"]))
+    # the reference a learned router must beat: the best router that sees only the token's identity, fitted on the
+    # training pool's hierarchical items (same tokenizer), scored on the same held-out tokens
+    train_items, _ = pool_items(ScenePool.load(ctx.step_dir("skills") / "train"), tax, kinds=("hierarchical",))
+    train_ds, _ = build_skill_dataset(train_items, processor, tax, max_length=int(ctx.cfg["skills"]["max_length"]))
+    token_router = token_identity_accuracy(labelled_tokens(train_ds), labelled_tokens(ds), tax, model.config.skill_groups,
+                                           model.config.num_experts, len(processor.tokenizer))
     png = usage_heatmap(metrics, tax, model.config.skill_groups, out / "routing_heatmap.png",
                         title=f"expert usage per skill (held-out)\ntop-1 in group: coarse {metrics.coarse_accuracy:.2f}, "
                               f"fine {metrics.fine_accuracy:.2f}")
     res = metrics.as_dict() | {"usage": metrics.usage.round(4).tolist(), "skills": tax.names, "items": len(ds),
-                               "skill_groups": model.config.skill_groups, "heatmap": _rel(ctx, png)}
+                               "skill_groups": model.config.skill_groups, "heatmap": _rel(ctx, png), "token_identity_router": token_router}
     write_json(out / "routing.json", res)
     return res
 

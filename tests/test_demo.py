@@ -168,6 +168,22 @@ def test_report_numbers_come_from_the_step_outputs(demo):
         assert rows and int(rows[0].split("|")[3]) == keys["max_steps"]
 
 
+def test_routing_is_compared_with_the_token_identity_router(demo):
+    """The routing table has the learned router next to the token-identity reference (hand-checkable: its accuracy is
+    a share of the held-out labelled tokens), and the sentence under it says which is higher."""
+    out, _ = demo
+    md = (out / "report" / "report.md").read_text()
+    rt = json.loads((out / "evaluate" / "routing" / "routing.json").read_text())
+    tir = rt["token_identity_router"]
+    assert 0.0 <= tir["coarse_accuracy"] <= 1.0 and tir["train_tokens"] > 0
+    # every held-out labelled token counted once (the learned router's count is tokens x MoE layers: 2 layers)
+    assert tir["coarse_tokens"] * 2 == rt["coarse_tokens"]
+    row = _table_row(md, "token identity only (reference)", "coarse top-1 in group")
+    assert float(row["coarse top-1 in group"]) == pytest.approx(tir["coarse_accuracy"], abs=5e-5)
+    verdict = "beats" if rt["coarse_accuracy"] > tir["coarse_accuracy"] else "does not beat"
+    assert f"The learned router {verdict} the token-identity reference" in md
+
+
 def test_judge_runs_when_configured_and_its_key_is_never_written(demo, judge):
     out, _ = demo
     md = (out / "report" / "report.md").read_text()

@@ -132,3 +132,32 @@ def test_trainable_sets_and_skill_map_check(setup):
     other = Taxonomy.from_dict({"skills": {"a": {}, "b": {}, "a1": {"parent": "a"}}})
     with pytest.raises(ValueError, match="not the taxonomy's"):
         evaluate_routing(model, train, SkillCollator(proc), other)
+
+
+def test_token_identity_router_by_hand():
+    from mose.routing_eval import token_identity_router
+
+    # skills A (experts 0, 1) and B (experts 2, 3); training: id 5 is A three times and B once, id 7 is B twice
+    groups = np.array([[1, 1, 0, 0], [0, 0, 1, 1]], bool)
+    route = token_identity_router([5, 5, 5, 5, 7, 7], [0, 0, 0, 1, 1, 1], groups, vocab_size=10)
+    assert route[5] == 0  # experts 0 and 1 serve 3 of id 5's tokens, 2 and 3 serve 1: the lowest of the best, 0
+    assert route[7] == 2  # both tokens are B: experts 2 and 3 tie at 2, the lowest is 2
+    # an unseen id: over all training tokens experts 0, 1 serve 3 and 2, 3 serve 3: all tie -> expert 0
+    assert route[9] == 0 and route[0] == 0
+
+
+def test_token_identity_accuracy_in_routing_terms():
+    from mose.routing_eval import token_identity_accuracy
+
+    groups = TAX.config_kwargs(4)["skill_groups"]  # perception 0,1 (vehicles 0, traffic_cones 1), prediction 2, planning 3
+    sid = TAX.id
+    # training: token 11 always labels vehicles (perception), token 12 trajectory (planning), token 13 traffic_cones
+    train = ([11, 11, 12, 12, 13], [sid("vehicles"), sid("vehicles"), sid("trajectory"), sid("trajectory"), sid("traffic_cones")])
+    # held out: 11 as vehicles (hit, hit), 11 as trajectory (coarse miss: expert 0 is not planning's; fine miss),
+    # 12 as agent_intent (expert 3 is not prediction's 2: misses), 13 as barriers (coarse: token 13's expert is 0,
+    # the lowest of perception's tied 0 and 1: hit; fine: traffic_cones' expert 1, and barriers' group is [1]: hit)
+    heldout = ([11, 11, 12, 13], [sid("vehicles"), sid("trajectory"), sid("agent_intent"), sid("barriers")])
+    acc = token_identity_accuracy(train, heldout, TAX, groups, num_experts=4, vocab_size=20)
+    assert acc["coarse_tokens"] == acc["fine_tokens"] == 4
+    assert acc["coarse_accuracy"] == pytest.approx(2 / 4)  # tokens 1 and 4
+    assert acc["fine_accuracy"] == pytest.approx(2 / 4)  # vehicles -> expert 0 (hit), barriers -> expert 1 (hit)
