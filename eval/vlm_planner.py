@@ -44,6 +44,14 @@ def answer_to_poses(answer: str, taxonomy: Taxonomy, num_poses: int = NUM_POSES,
     return make_decoder(decoder, taxonomy, num_poses).poses(answer, context)
 
 
+def checkpoint_decoder(model_path: str | Path) -> str:
+    """The trajectory decoder a checkpoint's config.json names ("text" when it names none: older checkpoints)."""
+    import json
+
+    cfg = Path(model_path) / "config.json"
+    return json.loads(cfg.read_text()).get("trajectory_decoder", "text") if cfg.is_file() else "text"
+
+
 def head_plan(generator, question: str, image: str) -> np.ndarray:
     """(8, 2) poses of a "head" checkpoint's planning head for one prompt (the generator's own prompt and inputs; the
     prior's speed is the one the question states, 0 m/s when it states none)."""
@@ -173,4 +181,4 @@ class ModelPlanner:
             self._tmp.cleanup()
 
 
-__all__ = ["ModelPlanner", "answer_to_poses", "headings_from_xy", "draw_topdown"]
+__all__ = ["ModelPlanner", "answer_to_poses", "headings_from_xy", "draw_topdown", "head_plan", "checkpoint_decoder"]

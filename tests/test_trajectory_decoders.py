@@ -1,5 +1,8 @@
 """Trajectory decoders (mose/trajectory_decoders.py): the constant-velocity prior, the planning head, its loss and
 training, the poses written back into the answer, the collator's planning inputs, config and checkpoint round trip."""
+import json
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -168,3 +171,51 @@ def test_collator_carries_prior_targets_and_the_plan_token(planning_batch):
         assert float(batch["ego_speed"][b]) == pytest.approx(8.0)  # driving_row's ego speed at the current frame
         want = parse_answer(f["target"], TAX).trajectory
         np.testing.assert_allclose(batch["plan_targets"][b].numpy(), want, atol=1e-5)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_head_decoder_stage_trains_the_head_through_the_runner(tmp_path_factory, tmp_path):
+    """`model.preset_args.trajectory_decoder: head`: the stage trains the plan_head group, logs plan_loss, and the
+    exported checkpoint (plain from_pretrained) keeps the decoder and a head that moved off its zero init."""
+    from transformers import AutoModelForImageTextToText
+
+    from tests.training_helpers import session_pool, tiny_config
+    from training.runner import run_training
+
+    pool, manifests = session_pool(tmp_path_factory)
+    cfg = tiny_config(tmp_path, pool, manifests, steps=2, only=("router_pretrain",),
+                      **{"model.preset_args": {"trajectory_decoder": "head"}, "run.logging_steps": 1})
+    summary = run_training(cfg, progress=False)["stages"]["router_pretrain"]
+    rows = summary["trainable"]
+    assert rows["plan_head"][1] == rows["plan_head"][0] > 0
+    logs = [json.loads(line) for line in (tmp_path / "router_pretrain" / "log.jsonl").read_text().splitlines()]
+    plan = [r["plan_loss"] for r in logs if "plan_loss" in r]
+    assert plan and all(math.isfinite(v) and v > 0 for v in plan)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "router_pretrain" / "final")
+    assert model.config.trajectory_decoder == "head"
+    assert float(model.plan_head.fc_out.weight.detach().abs().sum()) > 0
+
+
+def test_model_planner_with_a_head_checkpoint_plans_the_prior_and_writes_it_into_the_answer(tmp_path):
+    """An untrained head (residual 0) through eval/vlm_planner.ModelPlanner: the poses are the constant-velocity prior
+    of the prompt's 8.0 m/s, and the recorded answer's trajectory line says so."""
+    from datasets_cfg.schema import Scene
+    from eval.vlm_planner import ModelPlanner, checkpoint_decoder
+    from mose.presets import build_preset, preset_config
+    from mose.skill_tokenizer import llava_processor_for, train_chat_tokenizer
+
+    cfg = preset_config("tiny", trajectory_decoder="head")
+    text = cfg.get_text_config(decoder=True)
+    tok = train_chat_tokenizer([ANSWER] * 4, text.vocab_size, image_token_id=cfg.base_config.image_token_id)
+    ck = tmp_path / "ck"
+    build_preset("tiny", trajectory_decoder="head").save_pretrained(ck)
+    llava_processor_for(cfg, tok).save_pretrained(ck)
+    assert checkpoint_decoder(ck) == "head" and checkpoint_decoder(tmp_path) == "text"
+    scene = Scene(driving_row("s0", image=write_image(tmp_path / "s0.png", seed=0)), None)
+    planner = ModelPlanner(ck, max_new_tokens=4, taxonomy=TAX)
+    poses = planner(scene)
+    np.testing.assert_allclose(poses[:, 0], [4, 8, 12, 16, 20, 24, 28, 32])
+    np.testing.assert_allclose(poses[:, 1:], np.zeros((8, 2)))
+    answer = planner.decisions_[-1]["answer"]
+    np.testing.assert_allclose(parse_answer(answer, TAX).trajectory, poses[:, :2])
+    planner.close()
