@@ -116,7 +116,7 @@ def stage_items(pool, ids: list[str], st: StageConfig, taxonomy: Taxonomy, max_i
 def collect_stage_items(cfg: TrainConfig, taxonomy: Taxonomy, *, log=None) -> dict[str, StageTrainingData]:
     """Read and check every configured stage's manifest and build (or reuse, see the module doc) its untokenised
     items; `log(msg)` is told per stage whether its skill-dataset file was reused or built. Raises ConfigError."""
-    from datasets_cfg.schema import ScenePool, SchemaError
+    from datasets_cfg.schema import SchemaError, ScenePool
 
     try:
         pool = ScenePool.load(cfg.data.pool)
