@@ -1,9 +1,13 @@
 """A MoSE (or any transformers VLM) checkpoint as a planner: the step-by-step prompt, greedy generation, and the
 trajectory read back from the answer with the skill-format parser.
 
-- `answer_to_poses(answer, taxonomy)`: the planning segment's 8 (x, y) poses -> (8, 3) poses (x, y, heading) in the ego
-  frame; headings come from the answer when it gives them, else from the direction between consecutive poses
-  (the first from the origin). An answer without a complete 8-pose trajectory gives no poses and the reason.
+- `answer_to_poses(answer, taxonomy, decoder="text", context=None)`: the answer -> (8, 3) poses (x, y, heading) in the
+  ego frame through a trajectory decoder (mose/trajectory_decoders.py). "text": the planning segment's 8 (x, y)
+  poses; headings come from the answer when it gives them, else from the direction between consecutive poses
+  (the first from the origin); an answer without a complete 8-pose trajectory gives no poses and the reason.
+  "head": the planning head's poses (`context["plan_xy"]`), written into the answer's trajectory line
+  (`info["answer"]`). `ModelPlanner` uses the checkpoint's `config.trajectory_decoder`; for "head" it runs one more
+  forward pass over the prompt with the speed the prompt states (the plan token is the last prompt token).
 - `ModelPlanner(model_path, ..., taxonomy=tax)`: `planner(scene) -> (8, 3) poses` for eval/closed_loop.py. The prompt is the training set's
   hierarchical prompt (datasets_cfg/skill_items.py) for the observed scene. Its image is the scene's current frame
   when the observation has one; closed-loop observations carry none, so a top-down view is drawn from the
@@ -29,37 +33,45 @@ from pathlib import Path
 import numpy as np
 
 from common.constants import REAR_AXLE_TO_CENTER
-from mose.skill_format import NUM_POSES, parse_answer
+from mose.skill_format import NUM_POSES
 from mose.skills import Taxonomy
+from mose.trajectory_decoders import headings_from_xy, make_decoder, prompt_ego_speed
 
 VIEW_METERS = 75.0  # the simulator render's field of view (datasets_cfg/sim/render.py)
 ROAD, LINE, EGO, OTHER = (100, 100, 100), (255, 255, 255), (50, 200, 0), (100, 200, 255)
 
 
-def headings_from_xy(xy: np.ndarray, min_step: float = 0.05) -> np.ndarray:
-    """(n,) headings along a polyline of (n, 2) ego-frame positions starting after the origin (0, 0)."""
-    pts = np.vstack([[0.0, 0.0], np.asarray(xy, float)])
-    d = np.diff(pts, axis=0)
-    out, last = np.zeros(len(d)), 0.0
-    for i, (dx, dy) in enumerate(d):
-        if math.hypot(dx, dy) >= min_step:
-            last = math.atan2(dy, dx)
-        out[i] = last
-    return out
+def answer_to_poses(answer: str, taxonomy: Taxonomy, num_poses: int = NUM_POSES, *, decoder: str = "text",
+                    context: dict | None = None) -> tuple[np.ndarray | None, dict]:
+    """(poses or None, info): info has "format_ok" (no parser error at all), "trajectory_points", "errors", "reason",
+    and, for decoder "head", "answer" (the answer text with the head's poses written in)."""
+    return make_decoder(decoder, taxonomy, num_poses).poses(answer, context)
 
 
-def answer_to_poses(answer: str, taxonomy: Taxonomy, num_poses: int = NUM_POSES) -> tuple[np.ndarray | None, dict]:
-    """(poses or None, info): info has "format_ok" (no parser error at all), "trajectory_points", "errors", "reason"."""
-    parsed = parse_answer(answer, taxonomy, num_poses)
-    n = 0 if parsed.trajectory is None else len(parsed.trajectory)
-    info = {"format_ok": parsed.ok, "trajectory_points": n, "errors": parsed.errors[:8], "reason": ""}
-    if not parsed.trajectory_complete:
-        traj_errors = [e for e in parsed.errors if "trajectory" in e] or parsed.errors
-        info["reason"] = "unparseable model output: " + ("; ".join(traj_errors[:3]) or "no trajectory")
-        return None, info
-    xy = parsed.trajectory[:num_poses]
-    heading = parsed.headings[:num_poses] if parsed.headings is not None else headings_from_xy(xy)
-    return np.column_stack([xy, heading]), info
+def checkpoint_decoder(model_path: str | Path) -> str:
+    """The trajectory decoder a checkpoint's config.json names ("text" when it names none: older checkpoints)."""
+    import json
+
+    cfg = Path(model_path) / "config.json"
+    return json.loads(cfg.read_text()).get("trajectory_decoder", "text") if cfg.is_file() else "text"
+
+
+def head_plan(generator, question: str, image: str) -> np.ndarray:
+    """(8, 2) poses of a "head" checkpoint's planning head for one prompt (the generator's own prompt and inputs; the
+    prior's speed is the one the question states, 0 m/s when it states none)."""
+    import torch
+    from PIL import Image
+
+    with Image.open(image) as im:
+        inputs = generator.processor_(images=[im.convert("RGB")], text=[generator._prompt(question)], return_tensors="pt", padding=True)
+    inputs = inputs.to(generator.device_)
+    model = generator.model_
+    if "pixel_values" in inputs and model.dtype.is_floating_point:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    speed = prompt_ego_speed(question)
+    speed = torch.tensor([speed if math.isfinite(speed) else 0.0], device=generator.device_)
+    with torch.inference_mode():
+        return model.plan(speed, **inputs)[0].float().cpu().numpy()
 
 
 def draw_topdown(scene, image_size: int = 64):
@@ -160,8 +172,12 @@ class ModelPlanner:
         else:
             image, drawn = str(Path(self._tmp.name) / "frame.png"), True
             draw_topdown(scene, self.image_size).save(image)
-        answer = self.generator_.answer([{"question": hierarchical_prompt(scene.row, self.taxonomy), "image": image}])[0]
-        poses, info = answer_to_poses(answer, self.taxonomy)
+        question = hierarchical_prompt(scene.row, self.taxonomy)
+        answer = self.generator_.answer([{"question": question, "image": image}])[0]
+        decoder = getattr(self.generator_.model_.config, "trajectory_decoder", "text")
+        context = {"plan_xy": head_plan(self.generator_, question, image)} if decoder == "head" else None
+        poses, info = answer_to_poses(answer, self.taxonomy, decoder=decoder, context=context)
+        answer = info.pop("answer", answer)
         self.decisions_.append({"scene": scene.id, "image": "drawn" if drawn else image, "answer": answer, **info, "followed_last_plan": False})
         meta = scene.meta
         self._last = (meta.get("log_name"), float(meta.get("timestamp_s", 0.0)), scene.ego_pose(), poses, info["reason"])
@@ -174,4 +190,4 @@ class ModelPlanner:
             self._tmp.cleanup()
 
 
-__all__ = ["ModelPlanner", "answer_to_poses", "headings_from_xy", "draw_topdown"]
+__all__ = ["ModelPlanner", "answer_to_poses", "headings_from_xy", "draw_topdown", "head_plan", "checkpoint_decoder"]

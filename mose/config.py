@@ -102,6 +102,11 @@ class MoSEConfig(PretrainedConfig):
             ceil(tokens * top_k / num_experts * capacity_factor) token choices, top-1 choices first, then in token
             order; dropped choices contribute nothing (see `mose.expert_dispatch.DispatchPlan`). Evaluation and generation are
             always dropless.
+        trajectory_decoder (`str`): where the planned poses come from (mose/trajectory_decoders.py): "text" (the
+            answer's `[trajectory]` decimals; no extra weights) or "head" (a `plan_head` MLP on the last hidden state
+            at the last prompt token predicts a residual to a constant-velocity prior from the `ego_speed` input).
+        plan_loss_coef (`float`): weight of the planning head's loss in `loss` ("head" only; set per stage from
+            `losses.plan` by the trainer).
     """
 
     model_type = "mose"
@@ -123,6 +128,8 @@ class MoSEConfig(PretrainedConfig):
     dispatch: str = "auto"
     capacity_factor: float | None = None
     tie_word_embeddings: bool = False
+    trajectory_decoder: str = "text"
+    plan_loss_coef: float = 1.0
 
     def __post_init__(self, **kwargs):
         if "top_k" in kwargs:  # alias; generation options named top_k would otherwise be popped silently
@@ -155,7 +162,10 @@ class MoSEConfig(PretrainedConfig):
             raise ValueError(f"MoSEConfig.expert_intermediate_size: expected None or > 0, got {self.expert_intermediate_size!r}.")
         if not 0.0 <= self.router_jitter < 1.0:
             raise ValueError(f"MoSEConfig.router_jitter: expected 0 <= jitter < 1, got {self.router_jitter!r}.")
-        for name in ("router_z_loss_coef", "router_balance_coef", "skill_loss_coef"):
+        from .trajectory_decoders import check_decoder
+
+        check_decoder(self.trajectory_decoder)
+        for name in ("router_z_loss_coef", "router_balance_coef", "skill_loss_coef", "plan_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"MoSEConfig.{name}: expected >= 0, got {getattr(self, name)!r}.")
         if isinstance(self.moe_layers, tuple):

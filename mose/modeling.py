@@ -31,12 +31,13 @@ from .moe import (
     skill_routing_accuracy,
     skill_routing_loss,
 )
+from .trajectory_decoders import PlanningHead, constant_velocity_prior, plan_loss
 
 # config keys that `upcycle(base_model, **moe_options)` accepts
 MOE_OPTIONS = (
     "num_experts", "num_experts_per_tok", "top_k", "moe_layers", "expert_intermediate_size", "shared_expert", "router_jitter",
     "router_z_loss_coef", "router_balance_coef", "skill_loss_coef", "skill_groups", "skill_parents", "dispatch",
-    "capacity_factor",
+    "capacity_factor", "trajectory_decoder", "plan_loss_coef",
 )
 
 
@@ -50,6 +51,8 @@ class MoSECausalLMOutputWithPast(ModelOutput):
         "skill_loss", "skill_accuracy" (share of labelled tokens whose top-1 expert is in their skill group); plus
         "expert_load" (L, E): share of token choices per expert; "layers": decoder indices of the MoE layers.
     routing_trace: chosen experts and weights per layer and token (`output_routing_trace=True`).
+    plan_poses: (B, 8, 2) the planning head's poses (prior + residual), "head" decoder with `ego_speed` given.
+    plan_loss: the head's smooth-L1 residual loss (when `plan_targets` are given); in `loss` times plan_loss_coef.
     """
 
     loss: torch.FloatTensor | None = None
@@ -63,6 +66,8 @@ class MoSECausalLMOutputWithPast(ModelOutput):
     rope_deltas: torch.LongTensor | None = None
     router_stats: dict[str, torch.Tensor] | None = None
     routing_trace: RoutingTrace | None = None
+    plan_poses: torch.FloatTensor | None = None
+    plan_loss: torch.FloatTensor | None = None
 
 
 def decoder_layers(vlm: nn.Module) -> nn.ModuleList:
@@ -119,7 +124,13 @@ class MoSEForConditionalGeneration(PreTrainedModel, GenerationMixin):
             if isinstance(ref, nn.Linear) and ref.weight.device.type != "meta":
                 block = block.to(device=ref.weight.device, dtype=ref.weight.dtype)
             layers[i].mlp = block
+        self.plan_head = None
+        if config.trajectory_decoder == "head":  # mose/trajectory_decoders.py: residual to a constant-velocity prior
+            self.plan_head = PlanningHead(text.hidden_size)
         self.post_init()
+        if self.plan_head is not None:  # after post_init's generic init: zero last layer, an untrained head plans the prior
+            with torch.no_grad():
+                self.plan_head.reset_parameters()
 
     # ---- plumbing: everything else is the wrapped VLM's ------------------------------------------------------------
     def get_input_embeddings(self):
@@ -155,6 +166,9 @@ class MoSEForConditionalGeneration(PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         skill_labels: torch.LongTensor | None = None,
         output_routing_trace: bool = False,
+        ego_speed: torch.Tensor | None = None,
+        plan_index: torch.LongTensor | None = None,
+        plan_targets: torch.Tensor | None = None,
         **kwargs,
     ) -> MoSECausalLMOutputWithPast:
         r"""
@@ -162,6 +176,12 @@ class MoSEForConditionalGeneration(PreTrainedModel, GenerationMixin):
             (index into `config.skill_groups`) or -100 for tokens without a skill; trains the router towards each
             token's skill expert group (fine and coarse level).
         output_routing_trace (`bool`): also return the chosen experts and weights of every token in every MoE layer.
+        ego_speed (`torch.Tensor` of shape `(batch_size,)`, *optional*; "head" decoder only): the prompt's ego speed
+            (m/s), the constant-velocity prior of the planning head; given, the output has `plan_poses`.
+        plan_index (`torch.LongTensor` of shape `(batch_size,)`, *optional*): the plan token's position (the last
+            prompt token); default the last attended position of each row.
+        plan_targets (`torch.Tensor` of shape `(batch_size, 8, 2)`, *optional*): target poses; rows with a negative
+            `plan_index`, a non-finite speed or non-finite targets have none. Given, the output has `plan_loss`.
         All other arguments (pixel_values, image_grid_thw, past_key_values, ...) go to the base VLM unchanged.
         """
         ref = input_ids if input_ids is not None else inputs_embeds
@@ -170,15 +190,31 @@ class MoSEForConditionalGeneration(PreTrainedModel, GenerationMixin):
         batch, seq = ref.shape[:2]
         if skill_labels is not None:
             self._check_skill_labels(skill_labels, (batch, seq))
+        plan = ego_speed is not None or plan_targets is not None or plan_index is not None
+        if plan and self.plan_head is None:
+            raise ValueError(f"MoSE forward: ego_speed / plan_index / plan_targets given, but config.trajectory_decoder is "
+                             f"{self.config.trajectory_decoder!r}; the planning inputs are for the 'head' decoder.")
+        if plan and ego_speed is None:
+            raise ValueError("MoSE forward: plan_index / plan_targets need ego_speed (B,) (the constant-velocity prior).")
         recorder = RoutingRecorder()
         blocks = self.moe_blocks()
         for block in blocks:
             block.recorder = recorder
+        captured = {}
+        hook = None
+        if plan:  # the text decoder's last hidden state (after its final norm), without keeping every layer's
+            hook = self.vlm.get_decoder().register_forward_hook(
+                lambda _m, _a, output: captured.__setitem__("h", output[0] if isinstance(output, tuple) else output.last_hidden_state))
         try:
             out = self.vlm(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
         finally:
             for block in blocks:
                 block.recorder = None
+            if hook is not None:
+                hook.remove()
+        plan_poses = p_loss = None
+        if plan:
+            plan_poses, p_loss = self._plan(captured["h"], attention_mask, ego_speed, plan_index, plan_targets)
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -seq:].reshape(-1).bool()
@@ -198,6 +234,8 @@ class MoSEForConditionalGeneration(PreTrainedModel, GenerationMixin):
             loss = aux_loss
         else:
             loss = None
+        if p_loss is not None:
+            loss = (0.0 if loss is None else loss) + self.config.plan_loss_coef * p_loss
         return MoSECausalLMOutputWithPast(
             loss=loss,
             lm_loss=lm_loss,
@@ -210,7 +248,43 @@ class MoSEForConditionalGeneration(PreTrainedModel, GenerationMixin):
             rope_deltas=getattr(out, "rope_deltas", None),
             router_stats=stats,
             routing_trace=trace,
+            plan_poses=plan_poses,
+            plan_loss=p_loss,
         )
+
+    def _plan(self, hidden, attention_mask, ego_speed, plan_index, plan_targets):
+        """(poses (B, 8, 2), loss or None) of the planning head at the plan token (mose/trajectory_decoders.py)."""
+        batch, seq = hidden.shape[:2]
+        speed = torch.as_tensor(ego_speed, device=hidden.device).float().reshape(-1)
+        if speed.numel() != batch:
+            raise ValueError(f"MoSE forward: ego_speed has {speed.numel()} values, expected one per row ({batch}).")
+        if plan_index is None:
+            if attention_mask is not None and attention_mask.dim() == 2:
+                m = attention_mask[:, -seq:].long()
+                plan_index = seq - 1 - torch.flip(m, dims=[1]).argmax(dim=1)
+            else:
+                plan_index = torch.full((batch,), seq - 1, dtype=torch.long, device=hidden.device)
+        idx = torch.as_tensor(plan_index, device=hidden.device).long().reshape(-1)
+        if idx.numel() != batch or bool((idx >= seq).any()):
+            raise ValueError(f"MoSE forward: plan_index must hold one position < {seq} per row (negative: no plan), got {idx.tolist()}.")
+        h = hidden[torch.arange(batch, device=hidden.device), idx.clamp_min(0)]
+        residual = self.plan_head(h.to(self.plan_head.fc_in.weight.dtype)).float()
+        prior = constant_velocity_prior(torch.nan_to_num(speed, nan=0.0), residual.shape[1]).to(residual.device)
+        poses = prior + residual
+        loss = None
+        if plan_targets is not None:
+            targets = torch.as_tensor(plan_targets, device=hidden.device).float()
+            if tuple(targets.shape) != tuple(poses.shape):
+                raise ValueError(f"MoSE forward: plan_targets has shape {tuple(targets.shape)}, expected {tuple(poses.shape)}.")
+            mask = (idx >= 0) & torch.isfinite(speed) & torch.isfinite(targets).flatten(1).all(dim=1)
+            loss = plan_loss(residual, prior, torch.nan_to_num(targets), mask)
+        return poses, loss
+
+    @torch.no_grad()
+    def plan(self, ego_speed, **inputs) -> torch.Tensor:
+        """(B, 8, 2) poses of the planning head for prompts (`inputs` as for generate; the plan token is each row's
+        last attended token, the end of the prompt)."""
+        return self(ego_speed=ego_speed, **inputs).plan_poses
 
     def _check_skill_labels(self, skill_labels: torch.Tensor, expected: tuple[int, int]) -> None:
         num_skills = len(self.config.skill_names)

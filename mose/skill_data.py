@@ -20,6 +20,12 @@ LLaVA repeats ``<image>``, Qwen2-VL repeats ``<|image_pad|>`` by image size), th
 expanded run (-100 there) and checks that every other token equals the pre-tokenised one, so labels can not
 drift. `mose.skill_sampler.SkillBalancedSampler` draws items so that the labelled-token share per skill matches a
 target. With the HF Trainer, set `remove_unused_columns=False` (the collator reads `text`, `images`, `box`).
+
+`SkillCollator(processor, plan=True)` (models with `trajectory_decoder="head"`, mose/trajectory_decoders.py) also
+returns the planning head's inputs: ``ego_speed`` (B,) the speed the item's prompt states (NaN: none), ``plan_index`` (B,)
+the position of the last prompt token (the token before the first labelled one) and ``plan_targets`` (B, 8, 2) the
+target's ``[trajectory]`` poses; rows without a speed or a complete trajectory get plan_index -1 (no head loss).
+Without ``plan`` the batch is exactly as before.
 """
 from __future__ import annotations
 
@@ -324,8 +330,9 @@ class SkillCollator:
     as a red rectangle (line width 2, CODA-LM's official encoding) when `draw_boxes`.
     """
 
-    def __init__(self, processor, *, draw_boxes: bool = True, box_color=(255, 0, 0), box_width: int = 2):
+    def __init__(self, processor, *, draw_boxes: bool = True, box_color=(255, 0, 0), box_width: int = 2, plan: bool = False):
         self.processor = processor
+        self.plan = plan
         self.draw_boxes = draw_boxes
         self.box_color = tuple(box_color)
         self.box_width = box_width
@@ -361,4 +368,27 @@ class SkillCollator:
             skills[b, pos] = torch.tensor(sk, dtype=skills.dtype)
         batch["labels"] = labels
         batch["skill_labels"] = skills
+        if self.plan:
+            batch.update(self._plan_inputs(features, labels, mask))
         return batch
+
+    @staticmethod
+    def _plan_inputs(features, labels, mask) -> dict:
+        import torch
+
+        from mose.skill_format import NUM_POSES
+        from mose.trajectory_decoders import prompt_ego_speed, trajectory_target
+
+        n = len(features)
+        speed = torch.full((n,), float("nan"))
+        index = torch.full((n,), -1, dtype=torch.long)
+        targets = torch.full((n, NUM_POSES, 2), float("nan"))
+        for b, f in enumerate(features):
+            v = prompt_ego_speed(f.get("prompt", ""))
+            xy = trajectory_target(f.get("target", ""))
+            answer = torch.nonzero((labels[b] != IGNORE) & mask[b].bool(), as_tuple=True)[0]
+            if not np.isfinite(v) or xy is None or not len(answer) or int(answer[0]) < 1:
+                continue
+            speed[b], index[b] = float(v), int(answer[0]) - 1  # the last prompt token
+            targets[b] = torch.as_tensor(xy, dtype=targets.dtype)
+        return {"ego_speed": speed, "plan_index": index, "plan_targets": targets}

@@ -309,7 +309,7 @@ def plan_eval(ctx, model_dir: Path, scenes, out: Path) -> dict:
     from datasets_cfg.skill_items import hierarchical_prompt
     from eval.coda_generate import Generator, read_predictions_log
     from eval.navsim.predictions import write_predictions
-    from eval.vlm_planner import answer_to_poses
+    from eval.vlm_planner import answer_to_poses, checkpoint_decoder, head_plan
 
     e = ctx.cfg["evaluate"]
     out.mkdir(parents=True, exist_ok=True)
@@ -320,12 +320,17 @@ def plan_eval(ctx, model_dir: Path, scenes, out: Path) -> dict:
             raise ValueError(f"held-out scene {s.id}: field 'images': expected an image of the current frame, got none")
         records.append({"question_id": s.id, "task": "planning", "question": hierarchical_prompt(s.row, ctx.taxonomy), "image": str(image[0])})
     budget = plan_budget(ctx, model_dir, e.get("plan_max_new_tokens"), "evaluate.plan_max_new_tokens")
-    Generator(str(model_dir), batch_size=int(e["batch_size"]), max_new_tokens=budget["max_new_tokens"],
-              constrained=bool(e.get("plan_constrained", True)), taxonomy=ctx.taxonomy).run(records, out / "answers.jsonl", progress=ctx.progress)
+    gen = Generator(str(model_dir), batch_size=int(e["batch_size"]), max_new_tokens=budget["max_new_tokens"],
+                    constrained=bool(e.get("plan_constrained", True)), taxonomy=ctx.taxonomy)
+    gen.run(records, out / "answers.jsonl", progress=ctx.progress)
     answers = {k: v["answer"] for k, v in read_predictions_log(out / "answers.jsonl").items()}
+    decoder = checkpoint_decoder(model_dir)  # "head": the planning head's poses, written into the answer
+    if decoder == "head" and not hasattr(gen, "model_"):
+        gen.load()
     trajectories, reasons, parsed = {}, {}, []
-    for s in scenes:
-        poses, info = answer_to_poses(answers.get(s.id, ""), ctx.taxonomy)
+    for s, rec in zip(scenes, records):
+        context = {"plan_xy": head_plan(gen, rec["question"], rec["image"])} if decoder == "head" else None
+        poses, info = answer_to_poses(answers.get(s.id, ""), ctx.taxonomy, decoder=decoder, context=context)
         parsed.append({"scene": s.id, **info})
         if poses is None:
             reasons[s.id] = info["reason"]

@@ -101,8 +101,9 @@ def test_recipe_resolution_and_groups():
     with pytest.raises(ValueError, match="recipe"):
         resolve_recipe("everything", random_init=True)
     assert recipe_groups(["router"], "pretrained") == ["router"]
-    # from scratch: everything but the vision tower (and LoRA / "other", which only a stage names itself)
-    assert set(recipe_groups(["router"], "from_scratch")) == set(GROUPS) - {"vision_tower", "lora", "other"} == set(FROM_SCRATCH_GROUPS)
+    # from scratch: everything but the vision tower (and LoRA / "other", which only a stage names itself, and the
+    # planning head, which the runner adds where the stage's plan loss counts)
+    assert set(recipe_groups(["router"], "from_scratch")) == set(GROUPS) - {"vision_tower", "lora", "other", "plan_head"} == set(FROM_SCRATCH_GROUPS)
 
 
 def test_random_init_base_trains_the_whole_language_model_by_default(tmp_path_factory, tmp_path):

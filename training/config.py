@@ -71,12 +71,15 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    """Weights of the loss terms: loss = lm * LM loss + balance * mean_layers(balance) + z * mean_layers(z) + skill * mean_layers(skill)."""
+    """Weights of the loss terms: loss = lm * LM loss + balance * mean_layers(balance) + z * mean_layers(z) + skill * mean_layers(skill)
+    + plan * planning-head loss. `plan` acts only for a model with `trajectory_decoder: head` (mose/trajectory_decoders.py)
+    and on items with a trajectory target (hierarchical items); with the "text" decoder it changes nothing."""
 
     lm: float = 1.0
     balance: float = 0.01
     z: float = 0.001
     skill: float = 0.1
+    plan: float = 1.0
 
 
 @dataclass
@@ -321,7 +324,7 @@ def _validate(cfg: TrainConfig, groups: tuple[str, ...]) -> None:
             raise cfg.err(f"{k}.warmup_ratio", "a number in [0, 1)", st.warmup_ratio)
         if st.weight_decay < 0 or st.max_grad_norm < 0:
             raise cfg.err(f"{k}.weight_decay / max_grad_norm", "numbers >= 0")
-        for term in ("lm", "balance", "z", "skill"):
+        for term in ("lm", "balance", "z", "skill", "plan"):
             if getattr(st.losses, term) < 0:
                 raise cfg.err(f"{k}.losses.{term}", "a weight >= 0", getattr(st.losses, term))
         if st.lora is not None:

@@ -125,6 +125,9 @@ def run_stage(cfg: TrainConfig, stage: str, model, processor, data, taxonomy: Ta
         n = inject_lora(model, st.lora)
         log(f"[{stage}] LoRA r={st.lora.r} alpha={st.lora.alpha} on {n} attention projections")
     groups = recipe_groups(st.trainable, recipe) + (["lora"] if st.lora is not None and "lora" not in st.trainable else [])
+    head = getattr(model.config, "trajectory_decoder", "text") == "head"
+    if head and st.losses.plan > 0 and "plan_head" not in groups:  # the planning head trains wherever its loss counts
+        groups.append("plan_head")
     table = apply_trainable(model, groups)
     why = {"from_scratch": "the base has no pretrained weights: the whole language model trains in every stage",
            "pretrained": "each stage trains its own groups"}[recipe]
@@ -132,7 +135,7 @@ def run_stage(cfg: TrainConfig, stage: str, model, processor, data, taxonomy: Ta
                      f"[{stage}] parameters (trainable groups: {', '.join(groups)}):"))
     precision = resolve_precision(cfg.run.precision)
     args = training_arguments(cfg, stage, stage_dir, precision, model)
-    trainer = MoSETrainer(model=model, args=args, train_dataset=data.dataset, data_collator=SkillCollator(processor),
+    trainer = MoSETrainer(model=model, args=args, train_dataset=data.dataset, data_collator=SkillCollator(processor, plan=head),
                           lm_weight=st.losses.lm, train_sampler=make_sampler(st, data, taxonomy, cfg.run.seed))
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)

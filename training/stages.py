@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 GROUPS = ("vision_tower", "projector", "embeddings", "attention", "dense_ffn", "router", "experts", "shared_expert", "norms",
-          "lm_head", "lora", "other")
+          "lm_head", "lora", "plan_head", "other")
 
 
 RECIPES = ("auto", "pretrained", "from_scratch")
@@ -85,6 +85,8 @@ def param_group(name: str) -> str:
     """The module group of a parameter of a MoSE model (LLaVA-style or Qwen2-VL), from its qualified name."""
     if "lora_" in name:
         return "lora"
+    if name.startswith("plan_head.") or ".plan_head." in name:  # the "head" trajectory decoder's MLP
+        return "plan_head"
     if ".router." in name:
         return "router"
     if ".experts." in name:

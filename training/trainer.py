@@ -25,6 +25,8 @@ def stage_loss_weights(model, losses):
     """Set the model's routing loss coefficients to a stage's weights (balance, z, skill) for the duration."""
     cfg = model.config
     keys = {"router_balance_coef": losses.balance, "router_z_loss_coef": losses.z, "skill_loss_coef": losses.skill}
+    if getattr(cfg, "trajectory_decoder", "text") == "head":
+        keys["plan_loss_coef"] = getattr(losses, "plan", 1.0)
     old = {k: getattr(cfg, k) for k in keys}
     for k, v in keys.items():
         setattr(cfg, k, float(v))
@@ -47,6 +49,8 @@ class RoutingStats:
         self.tokens = 0
         self.lm_loss = 0.0
         self.aux_loss = 0.0
+        self.plan_loss = 0.0
+        self.plan_batches = 0
         self.layers: list[int] | None = None
         self.t0 = time.perf_counter()
 
@@ -62,6 +66,9 @@ class RoutingStats:
             self.lm_loss += float(outputs.lm_loss.detach())
         if outputs.aux_loss is not None:
             self.aux_loss += float(outputs.aux_loss.detach())
+        if getattr(outputs, "plan_loss", None) is not None:
+            self.plan_loss += float(outputs.plan_loss.detach())
+            self.plan_batches += 1
         self.batches += 1
         self.tokens += int(tokens)
 
@@ -107,6 +114,9 @@ class MoSETrainer(Trainer):
         outputs = model(**inputs)
         if outputs.lm_loss is not None:
             loss = self.lm_weight * outputs.lm_loss + outputs.aux_loss.to(outputs.lm_loss.dtype)
+            plan = getattr(outputs, "plan_loss", None)
+            if plan is not None:  # "head" decoder only (mose/trajectory_decoders.py); text batches never carry it
+                loss = loss + model.config.plan_loss_coef * plan.to(loss.dtype)
         else:
             loss = outputs.loss
         if loss is None:
@@ -153,6 +163,8 @@ class MoSETrainer(Trainer):
             red = self.routing.reduce()
             logs["lm_loss"] = red["lm_loss"]
             logs["aux_loss"] = red["aux_loss"]
+            if self.routing.plan_batches:  # this process's mean over the interval ("head" decoder only)
+                logs["plan_loss"] = self.routing.plan_loss / self.routing.plan_batches
             logs["tokens"] = red["tokens"]
             logs["tokens_per_s"] = red["tokens"] / seconds
             logs.update(flat_router_logs(red["stats"], self.routing.layers))
