@@ -7,8 +7,8 @@ import numpy as np
 
 from curation.features import resolve_features
 from curation.kcenter import kcenter_greedy
-from curation.scores import align_scores
-from curation.selection import Selection, Selector, SelectionError, check_budget, pool_info
+from curation.scores import UNCERTAINTY_QUANTITIES, align_scores
+from curation.selection import Selection, SelectionError, Selector, check_budget, pool_info
 
 
 class RandomSelector(Selector):
@@ -92,7 +92,8 @@ class CoresetSelector(Selector):
 class UncertaintySelector(Selector):
     """The `budget` scenes with the highest uncertainty score (from a scores file, mapping or array).
 
-    Ties keep pool order. `missing`: "error" (default) or "last" (scenes without a score are ranked after
+    Ties keep pool order. A scores file naming a quantity other than `UNCERTAINTY_QUANTITIES` (e.g. a NAVSIM
+    EPDMS CSV) is refused (curation/scores.py); an unnamed one is taken as uncertainty. `missing`: "error" (default) or "last" (scenes without a score are ranked after
     all scored ones, in pool order; recorded as a fallback).
     """
 
@@ -112,7 +113,8 @@ class UncertaintySelector(Selector):
         if self.missing not in ("error", "last"):
             raise SelectionError(f"uncertainty: missing must be 'error' or 'last', got {self.missing!r}")
         ids = pool.ids
-        u, n_missing = align_scores(scores, ids, self.column, missing="error" if self.missing == "error" else "nan")
+        u, n_missing = align_scores(scores, ids, self.column, missing="error" if self.missing == "error" else "nan",
+                                    accept=UNCERTAINTY_QUANTITIES, consumer="uncertainty")
         key = np.where(np.isfinite(u), -u, np.inf)
         take = np.argsort(key, kind="stable")[:n]
         fallbacks = []

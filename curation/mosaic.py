@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from curation.features import resolve_features
 from curation.scaling import DomainFit, allocate, bounded_gain, fit_saturating, predicted_gain, saturating
-from curation.scores import align_scores
+from curation.scores import IMPORTANCE_QUANTITIES, align_scores
 from curation.selection import PilotError, SampleScorer, Selection, SelectionError, Selector, check_budget, pool_info, run_pilot
 
 
@@ -248,7 +248,7 @@ class MOSAIC(Selector):
 
     def _importance(self, ids, scores, pilot, base_ids, fallbacks):
         if scores is not None:
-            return align_scores(scores, ids)[0], "scores"
+            return align_scores(scores, ids, accept=IMPORTANCE_QUANTITIES, consumer="mosaic importance")[0], "scores"
         if pilot is not None and isinstance(pilot, SampleScorer) and base_ids:
             try:
                 imp = np.asarray(pilot.score_samples(ids), dtype=np.float64)  # model last fitted = the base run

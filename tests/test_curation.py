@@ -9,8 +9,9 @@ import pytest
 from curation.baselines import CoresetSelector, RandomSelector, UncertaintySelector
 from curation.features import ArrayPool
 from curation.kcenter import covering_radius, kcenter_greedy
-from curation.scores import read_scores
+from curation.scores import read_scores, score_quantity, write_difficulty
 from curation.selection import Selection, SelectionError, check_budget, manifest_paths
+from datasets_cfg.schema import ScenePool
 from pipelines.cli import main
 from tests.curation_helpers import small_pool
 
@@ -184,3 +185,49 @@ def test_cli_bad_input(pool_dir, tmp_path, capsys):
     assert main(["curate", "--pool", str(pool_dir), "--out", out]) == 2
     assert "--method, --budget required (or --plan" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
+
+
+# ------------------------------------------------------------------------- what a scores file holds
+
+def test_uncertainty_refuses_the_navsim_epdms_csv_and_takes_named_or_unnamed_files(tmp_path, capsys):
+    """Issue #20: an EPDMS CSV (high = best driven) must not be ranked as uncertainty; named / unnamed files are."""
+    from eval.navsim import fixtures as F
+    from pipelines.cli import main as cli
+
+    pool_dir = tmp_path / "pool"
+    scenes = F.log_scenes(3, ego=F.constant_accel(speed=10.0), agents_fn=lambda t0: [F.vehicle("lead", 22 + 4 * t0, 0.0, vx=4.0)])
+    ScenePool.from_rows([s.row for s in scenes]).save(pool_dir)
+    epdms = tmp_path / "human.csv"
+    assert cli(["eval", "navsim", "--pool", str(pool_dir), "--agent", "human", "--out", str(epdms), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert score_quantity(epdms) == "epdms"  # recognised by its columns (token, valid, sub-metrics, score, metric)
+    ids = ScenePool.load(pool_dir).ids
+    out = str(tmp_path / "u.jsonl")
+    assert cli(["curate", "--method", "uncertainty", "--pool", str(pool_dir), "--budget", "2", "--out", out, "--scores", str(epdms)]) == 2
+    err = capsys.readouterr().err
+    assert str(epdms) in err and "quantity 'epdms'" in err and "'uncertainty'" in err and "write_difficulty" in err
+    assert not (tmp_path / "u.jsonl").exists()  # nothing written on refusal
+    # the conversion offered: difficulty = 1 - EPDMS, accepted
+    diff = write_difficulty(epdms, tmp_path / "difficulty.json")
+    d, q = read_scores(diff, with_quantity=True)
+    e = read_scores(epdms)  # the average row left out
+    assert q == "difficulty" and sorted(d) == sorted(ids) and all(abs(d[k] - (1.0 - e[k])) < 1e-12 for k in ids)
+    assert cli(["curate", "--method", "uncertainty", "--pool", str(pool_dir), "--budget", "2", "--out", out, "--scores", str(diff)]) == 0
+    capsys.readouterr()
+    # a file naming "uncertainty": a CSV column, and the JSON header form; ranked by the scores given
+    pool = ArrayPool(["a", "b", "c"])
+    named = tmp_path / "named.csv"
+    named.write_text("id,score,quantity\na,0.2,uncertainty\nb,0.7,uncertainty\nc,0.1,uncertainty\n")
+    assert UncertaintySelector().select(pool, 1, scores=str(named)).ids == ["b"]
+    (tmp_path / "named.json").write_text(json.dumps({"quantity": "Uncertainty", "scores": {"a": 3, "b": 1, "c": 2}}))
+    assert UncertaintySelector().select(pool, 2, scores=str(tmp_path / "named.json")).ids == ["a", "c"]
+    # unnamed: accepted as before
+    (tmp_path / "plain.json").write_text(json.dumps({"a": 0.0, "b": 0.5, "c": 0.9}))
+    assert UncertaintySelector().select(pool, 1, scores=str(tmp_path / "plain.json")).ids == ["c"]
+    # a named driving score in a plain CSV, and a file mixing quantities, are refused
+    (tmp_path / "p.csv").write_text("id,score,quantity\na,1,pdms\nb,0,pdms\nc,0.5,pdms\n")
+    with pytest.raises(SelectionError, match=r"p\.csv: holds quantity 'pdms'; uncertainty expects one of"):
+        UncertaintySelector().select(pool, 1, scores=str(tmp_path / "p.csv"))
+    (tmp_path / "mix.jsonl").write_text('{"id": "a", "score": 1, "quantity": "uncertainty"}\n{"id": "b", "score": 0, "quantity": "epdms"}\n')
+    with pytest.raises(SelectionError, match="expected one quantity for the whole file"):
+        read_scores(tmp_path / "mix.jsonl")
