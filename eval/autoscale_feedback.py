@@ -33,6 +33,7 @@ import numpy as np
 from common.geometry import wrap_angle
 from datasets_cfg.schema import Scene
 from datasets_cfg.sim.command import route_command
+from datasets_cfg.sim.world import SimWarnings
 
 METRICS = ("epdms", "driving_score", "no_crash", "route_completion")
 NO_HELDOUT = "__autoscale_closed_loop_only__"  # FastPilot needs an evaluation id; none is used closed loop only
@@ -87,6 +88,7 @@ class ClosedLoopFeedback:
         self.heldout_ids, self.open_loop_weight, self.command, self.random_state = list(heldout_ids or []), open_loop_weight, command, random_state
         self.calls = 0
         self.history: list[dict] = []
+        self.sim_warnings = SimWarnings()  # highway-env's warnings over every evaluate() (datasets_cfg/sim/world.py)
 
     def pilot(self):
         from eval.pilot import FastPilot
@@ -106,9 +108,13 @@ class ClosedLoopFeedback:
         pilot = self.fit(ids)
         t1 = time.perf_counter()
         res = self.closed_loop(pilot)
+        warned = getattr(res, "sim_warnings", None)
+        if warned is not None:  # summed over calls; `mose curate` prints sim_warnings.summary() once
+            self.sim_warnings.update(warned)
         closed = float(np.mean([episode_score(r, self.metric) for r in res.episodes]))
         out = {"score": closed, "closed_loop_score": closed, "n_train": float(pilot.n_train_), "fit_s": t1 - t0}
         out.update({f"cl_{k}": float(v) for k, v in res.means.items() if isinstance(v, (int, float))})
+        out["sim_warnings"] = float(warned.total if warned is not None else 0)
         if self.open_loop_weight > 0:
             from eval.navsim.scorer import mean_score
 

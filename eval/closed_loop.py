@@ -53,7 +53,9 @@ from datasets_cfg.sim.world import (
     FREQUENCIES,
     REAR_AXLE_TO_CENTER,
     SUBSTEPS,
+    SimWarnings,
     TrackIds,
+    capture_sim_warnings,
     ego_lane_speed_limit,
     ego_state,
     export_road,
@@ -80,9 +82,10 @@ ROUTE_AHEAD_M = 300.0
 class ClosedLoopResult:
     episodes: list[dict] = field(default_factory=list)
     means: dict = field(default_factory=dict)
+    sim_warnings: SimWarnings = field(default_factory=SimWarnings)  # highway-env's warnings, counted (world.py)
 
     def to_dict(self) -> dict:
-        return {"means": self.means, "episodes": self.episodes}
+        return {"means": self.means, "episodes": self.episodes, "sim_warnings": self.sim_warnings.to_dict()}
 
     def to_json(self, path) -> None:
         from common.atomic import write_json
@@ -320,8 +323,9 @@ def run_closed_loop(planner: Planner, envs: Sequence[str] = ("highway",), episod
         from tqdm import tqdm
 
         it = tqdm(it, desc="closed loop", unit="episode")
-    rows = [run_episode(planner, envs[i % len(envs)], seed + i, duration_s, num_poses, interval, protocol) for i in it]
-    return ClosedLoopResult(episodes=rows, means=episode_means(rows))
+    with capture_sim_warnings() as warned:  # counted, not printed per step; the caller reports the summary
+        rows = [run_episode(planner, envs[i % len(envs)], seed + i, duration_s, num_poses, interval, protocol) for i in it]
+    return ClosedLoopResult(episodes=rows, means=episode_means(rows), sim_warnings=warned)
 
 
 def _missing(v) -> bool:

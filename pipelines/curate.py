@@ -110,6 +110,9 @@ def run(args) -> int:
         if pilot is not None:
             selection.state["pilot_eval_ids"] = list(pilot.eval_ids)
             selection.config = {**selection.config, "pilot": {k: getattr(pilot, k, None) for k in ("model", "alpha", "metric", "tracking", "human_filter")}}
+        warned = getattr(evaluator, "sim_warnings", None) if "evaluator" in m.needs else None
+        if warned is not None and warned.total:  # counted while the simulator ran (datasets_cfg/sim/world.py)
+            selection.state["sim_warnings"] = warned.to_dict()
         selection.pool["path"] = str(Path(args.pool).resolve())
         rows_path = selection.write(args.out)
     except (MoseError, OSError, KeyError, ValueError) as exc:  # ours, file problems, and plain bad values from a library
@@ -117,4 +120,7 @@ def run(args) -> int:
         return 2
     fb = f", {len(selection.fallbacks)} fallback(s) recorded" if selection.fallbacks else ""
     print(f"mose curate: {args.method} selected {len(selection)} of {len(pool)} scenes -> {rows_path}{fb}")
+    line = warned.summary("mose curate") if warned is not None else None
+    if line:
+        print(line, file=sys.stderr)
     return 0

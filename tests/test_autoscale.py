@@ -226,3 +226,25 @@ def test_closed_loop_feedback_trains_and_drives(pool):
     assert fb.calls == 1 and fb.history[0] is out
     with pytest.raises(ValueError, match="metric"):
         ClosedLoopFeedback(pool, metric="speed")
+
+
+def test_closed_loop_feedback_sums_the_simulator_warnings_over_its_calls():
+    """eval/autoscale_feedback.py: each evaluate()'s closed-loop warnings are added up for one summary at the end."""
+    from types import SimpleNamespace
+
+    from datasets_cfg.sim.world import SimWarnings
+    from eval.autoscale_feedback import ClosedLoopFeedback
+
+    fb = ClosedLoopFeedback(None, envs=("highway",), episodes=1)
+    calls = iter([3, 4])
+
+    def closed_loop(pilot):
+        w = SimWarnings()
+        for _ in range(next(calls)):
+            w.add("Route ('a', 'b', 0) does not start after current road ('c', 'd', 0).")
+        return SimpleNamespace(episodes=[{"crashed": False, "epdms": 0.5}], means={}, sim_warnings=w)
+
+    fb.fit = lambda ids: SimpleNamespace(n_train_=len(ids))
+    fb.closed_loop = closed_loop
+    assert fb.evaluate(["x"])["sim_warnings"] == 3.0 and fb.evaluate(["x", "y"])["sim_warnings"] == 4.0
+    assert fb.sim_warnings.total == 7 and fb.sim_warnings.summary("mose curate").startswith("mose curate: 7 simulator warning(s)")

@@ -160,3 +160,22 @@ def test_closed_loop_observations_carry_the_route_command():
     run_closed_loop(seen, envs=("intersection",), episodes=1, seed=0, duration_s=4.0)
     commands = [obs.row["command"] for obs in seen.seen]
     assert set(commands) <= {"left", "straight", "right"} and "left" in commands  # this episode's route turns left
+
+
+def test_run_closed_loop_counts_the_simulator_warnings_into_its_result(monkeypatch, caplog):
+    """Issue #20: highway-env's per-tick warnings are counted in the result (and its JSON), not printed."""
+    import logging
+
+    import eval.closed_loop as cl
+
+    caplog.set_level(logging.WARNING)
+
+    def fake_episode(planner, env_name, seed, *a, **k):  # episode i warns seed - 100 + 1 times
+        for _ in range(seed - 100 + 1):
+            logging.getLogger("highway_env.road.road").warning(f"Route ('a', 'b', {seed}) does not start after current road ('c', 'd', 0).")
+        return _episode(False, 0.5)
+
+    monkeypatch.setattr(cl, "run_episode", fake_episode)
+    res = run_closed_loop(constant_velocity_planner(), envs=("highway",), episodes=3, seed=100)
+    assert res.sim_warnings.total == 1 + 2 + 3 and not caplog.records
+    assert res.to_dict()["sim_warnings"]["by_message"] == {"Route (…) does not start after current road (…).": 6}

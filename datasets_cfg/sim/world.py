@@ -17,17 +17,30 @@ first tick after it, <= 0 during a warm-up before it) is a multiple of SPAWN_EVE
 Frames. Observations are in the ScenePool global frame with the ego at its rear axle (see export.py);
 `place_ego` writes an ego pose given in those terms back into highway-env, for callers that drive the ego
 themselves (`hold_ego`).
+
+Simulator warnings. highway-env reports some conditions through its loggers, once per tick: e.g.
+`highway_env/road/road.py` (RoadNetwork.next_lane) `logger.warning("Route {} does not start after current road
+{}.")` for a vehicle whose planned route no longer matches its road, which printed 8,616 lines in one
+`mose curate --method autoscale` run on 80 scenes (Python's last-resort handler prints a logger's warnings to
+stderr when nobody configured logging). `capture_sim_warnings()` takes them over while a run drives the
+simulator: counted per message (the values in parentheses elided, so one route's warning and another's count
+together), nothing printed per step; the caller reports `SimWarnings.summary()` once (and `to_dict()` in its
+results).
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
+from collections import Counter
+from contextlib import contextmanager
 
 import numpy as np
 
 from datasets_cfg.sim.export import AGENT_RADIUS, REAR_AXLE_TO_CENTER, TrackIds, ego_state, export_road, export_vehicles, lane_id, sample_road
 
 # the observation side of the world is export.py's, re-exported here
-__all__ = ["ENV_IDS", "DT", "SIM_HZ", "SUBSTEPS", "FREQUENCIES", "make_env", "tick", "hold_ego", "place_ego", "ego_lane_speed_limit", "route_ahead",
+__all__ = ["SimWarnings", "capture_sim_warnings", "ENV_IDS", "DT", "SIM_HZ", "SUBSTEPS", "FREQUENCIES", "make_env", "tick", "hold_ego", "place_ego", "ego_lane_speed_limit", "route_ahead",
            "AGENT_RADIUS", "REAR_AXLE_TO_CENTER", "TrackIds", "ego_state", "export_road", "export_vehicles", "lane_id", "sample_road"]
 
 ENV_IDS = {
@@ -39,6 +52,70 @@ SUBSTEPS = int(round(DT * SIM_HZ))  # ticks per DT
 FREQUENCIES = {"simulation_frequency": SIM_HZ, "policy_frequency": int(round(1 / DT))}
 SPAWN_EVERY = SIM_HZ  # ticks (1 s) between the intersection env's clear-and-spawn
 CULL_EVERY = 2 * SIM_HZ  # ticks (2 s) between drops of far vehicles
+
+
+SIM_LOGGER = "highway_env"  # the package's loggers are logging.getLogger(__name__) under it
+
+
+class SimWarnings:
+    """highway-env's log warnings, counted per message with the values in parentheses / brackets elided."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self.examples: dict[str, str] = {}
+
+    def add(self, message: str) -> None:
+        key = re.sub(r"\([^()]*\)|\[[^\[\]]*\]", "(…)", message)
+        self.counts[key] += 1
+        self.examples.setdefault(key, message)
+
+    def update(self, other: "SimWarnings") -> None:
+        self.counts.update(other.counts)
+        for k, v in other.examples.items():
+            self.examples.setdefault(k, v)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "by_message": dict(self.counts.most_common()), "examples": dict(self.examples)}
+
+    def summary(self, who: str = "highway-env") -> str | None:
+        """One line, or None when there were none."""
+        if not self.counts:
+            return None
+        parts = "; ".join(f"{n} x {k!r}" for k, n in self.counts.most_common(3))
+        more = f"; and {len(self.counts) - 3} other message(s)" if len(self.counts) > 3 else ""
+        return f"{who}: {self.total} simulator warning(s), not printed per step: {parts}{more}"
+
+
+class _Counting(logging.Handler):
+    def __init__(self, into: SimWarnings):
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record):
+        try:
+            self.into.add(record.getMessage())
+        except Exception:  # noqa: BLE001  (a malformed record must not stop the simulation)
+            self.into.add(str(record.msg))
+
+
+@contextmanager
+def capture_sim_warnings(into: SimWarnings | None = None):
+    """Within the block, highway-env's warnings are counted into `into` (a new SimWarnings by default, yielded)
+    instead of printed. Nests: every open block counts each warning."""
+    into = SimWarnings() if into is None else into
+    logger = logging.getLogger(SIM_LOGGER)
+    handler, propagate = _Counting(into), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False  # neither the root's handlers nor the last-resort one print them
+    try:
+        yield into
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def make_env(name: str, *, render: bool = False, config: dict | None = None):
