@@ -347,6 +347,8 @@ class SEAD(Selector):
             raise SelectionError(f"sead: fs_mode must be 'emd' or 'mean', got {self.fs_mode!r}")
         if self.n_rounds < 1:
             raise SelectionError(f"sead: n_rounds must be >= 1, got {self.n_rounds}")
+        if not (isinstance(self.distance_threshold, (int, float)) and math.isfinite(self.distance_threshold) and self.distance_threshold > 0):
+            raise SelectionError(f"sead: distance_threshold (the key-frame distance, m) must be a positive number, got {self.distance_threshold!r}")
         rng = np.random.default_rng(self.random_state)
         all_ids = pool.ids
         excl = set(exclude)

@@ -199,3 +199,23 @@ def test_bad_clip_metadata_is_refused():
         SEAD(n_rounds=1, progress=False).select(ScenePool.from_rows(rows), 1)
     with pytest.raises(SelectionError, match="fs_mode"):
         SEAD(fs_mode="l2").select(ScenePool.from_rows(log_rows("x", 2)), 1)
+
+
+def test_a_larger_key_frame_distance_marks_more_key_frames(kpool):
+    """Issue #20: the key-frame distance is the constructor's `distance_threshold` (config key `sead.distance_threshold`),
+    default the paper's 5 m. On the constructed clip (nearest car per frame, by hand above: 1.5, 0.5, 0.5, 1.5, 2.5,
+    3.5, 4.5, 5.5, 6.25, 5.25, 4.25, 3.25 m): < 5 m marks frames 0-6 and 10-11 (9 frames, longest run 0-6);
+    < 5.75 m adds 7 (5.5) and 9 (5.25): 11 frames, longest run 0-7; < 7 m marks all 12, one run 0-11."""
+    assert SEAD().get_params()["distance_threshold"] == 5.0
+    frames = [(kpool.index_of(f"key_{k:03d}"), 3) for k in range(12)]
+    sets = ground_truth_sets(kpool, frames)
+    expected = {5.0: [0, 1, 2, 3, 4, 5, 6, 10, 11], 5.75: [0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11], 7.0: list(range(12))}
+    for d, want in expected.items():
+        assert np.flatnonzero(key_frame_flags(sets.det_xy, sets.det_conf, distance_threshold=d)).tolist() == want
+    # through the selector: the round takes the longest key-frame run of the top clip
+    for d, run, budget in ((5.75, (0, 7), 8), (7.0, (0, 11), 12)):
+        sel = SEAD(n_rounds=2, initial_fraction=0.0, distance_threshold=d, progress=False).select(kpool, budget)
+        assert sel.ids == [f"key_{k:03d}" for k in range(run[0], run[1] + 1)]
+        assert f"key frames {run[0]}-{run[1]}" in sel.reasons[0] and sel.config["distance_threshold"] == d
+    with pytest.raises(SelectionError, match="distance_threshold .* must be a positive number, got -1"):
+        SEAD(n_rounds=2, initial_fraction=0.0, distance_threshold=-1, progress=False).select(kpool, 8)
