@@ -115,6 +115,8 @@ def test_cli(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["num_scenes"] == 4 and printed["sources"] == {"real": 4}
     assert len(ScenePool.load(out)) == 4 and (out / "sim_summary.json").is_file()
+    warned = json.loads((out / "sim_summary.json").read_text())["sim_warnings"]
+    assert warned["total"] == sum(warned["by_message"].values())
     assert main(["simulate", "--out", str(tmp_path / "x"), "--scenes", "3", "--synthetic-fraction", "2"]) == 2
     assert "--synthetic-fraction" in capsys.readouterr().err
     assert main(["simulate", "--out", str(tmp_path / "x"), "--scenes", "3", "--envs", "moon"]) == 2
@@ -241,3 +243,27 @@ def test_export_functions_on_a_live_env():
     assert (img[v_px - 1:v_px + 2, u_px - 1:u_px + 2].reshape(-1, 3) == (50, 200, 0)).all(1).any()
     assert img.shape[:2] == (tf.image_size[1], tf.image_size[0])
     env.close()
+
+
+def test_an_episode_counts_the_simulator_warnings_and_the_cli_line_sums_them(tmp_path, monkeypatch, caplog):
+    """Issue #20: highway-env's per-tick log warnings are counted per episode (returned to the parent, also across
+    worker processes) and summed into sim_summary.json; `mose simulate` prints one line, not one per step."""
+    import logging
+
+    from datasets_cfg.sim import corpus
+
+    class WarningRunner:
+        def run(self, plan, out):
+            for k in range(7):
+                logging.getLogger("highway_env.road.road").warning(f"Route ('a', 'b', {k}) does not start after current road ('c', 'd', 0).")
+            return []
+
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setattr(corpus, "_RUNNER", WarningRunner())
+    settings = {"seed": 0, "index": 3, "envs": ["highway"], "synthetic_fraction": 0.0, "scenes_per_episode": 2, "stride": 1,
+                "image_size": 32, "image_format": "png"}
+    index, n, warned = corpus._work((settings, str(tmp_path)))
+    assert (index, n) == (3, 0) and warned["counts"] == {"Route (…) does not start after current road (…).": 7} and not caplog.records
+    line = corpus._warnings_line({"by_message": {"Route (…) does not start after current road (…).": 7 + 5}})
+    assert line.startswith("mose simulate: 12 simulator warning(s)") and "\n" not in line
+    assert corpus._warnings_line({"total": 0, "by_message": {}}) is None

@@ -8,7 +8,8 @@ Layout of DIR (besides the ScenePool's pool.json and scenes/):
                          --scenes/--workers change) and the same generator version
     shards/<log>.json.gz the scene rows of one finished episode (written atomically after its images)
     images/<log>/NNN.png top-down renders, one per frame shown by some scene (.jpg for noisy night/rain frames)
-    sim_summary.json     counts, safety flags, and the real-vs-synthetic distribution distance
+    sim_summary.json     counts, safety flags, the real-vs-synthetic distribution distance, and the simulator's
+                         warnings counted per message (`sim_warnings`; one summary line on stderr, none per step)
 
 Episodes are planned from (seed, episode index) alone, so a re-run with a larger --scenes keeps every
 finished shard and only simulates the missing episodes; the pool is the first N scenes in episode order,
@@ -73,17 +74,21 @@ def check_settings(scenes: int, envs, synthetic_fraction: float, image_size: int
 _RUNNER: EpisodeRunner | None = None
 
 
-def _work(task: tuple[dict, str]) -> tuple[int, int]:
-    """Run one planned episode, write its shard; returns (episode index, number of scenes)."""
+def _work(task: tuple[dict, str]) -> tuple[int, int, dict]:
+    """Run one planned episode, write its shard; returns (episode index, number of scenes, the simulator's warnings
+    counted per message: {"counts": ..., "examples": ...}, world.capture_sim_warnings)."""
+    from datasets_cfg.sim.world import capture_sim_warnings
+
     global _RUNNER
     cfg, out = task
     if _RUNNER is None:
         _RUNNER = EpisodeRunner()
     plan = plan_episode(cfg["seed"], cfg["index"], cfg["envs"], cfg["synthetic_fraction"], cfg["scenes_per_episode"],
                         cfg["stride"], cfg["image_size"], cfg["image_format"])
-    rows = _RUNNER.run(plan, Path(out))
+    with capture_sim_warnings() as warned:
+        rows = _RUNNER.run(plan, Path(out))
     write_shard(shard_path(out, plan.log_name), rows)
-    return cfg["index"], len(rows)
+    return cfg["index"], len(rows), {"counts": dict(warned.counts), "examples": warned.examples}
 
 
 def shard_path(out, log_name: str) -> Path:
@@ -117,6 +122,7 @@ def generate(out, scenes: int, envs=DEFAULT_ENVS, seed: int = 0, synthetic_fract
 
     from datasets_cfg.schema import ScenePool
     from datasets_cfg.sim.stats import real_vs_synthetic
+    from datasets_cfg.sim.world import SimWarnings
 
     envs = check_settings(scenes, envs, synthetic_fraction, image_size, workers, scenes_per_episode, stride, image_format)
     out = Path(out)
@@ -161,6 +167,7 @@ def generate(out, scenes: int, envs=DEFAULT_ENVS, seed: int = 0, synthetic_fract
         return sum(counts.get(j, 0) for j in range(i)), todo
 
     done_scenes, todo = have_until(scenes)
+    warned = SimWarnings()  # highway-env's warnings over the episodes simulated by this call, counted (world.py)
     bar = tqdm(total=scenes, initial=min(done_scenes, scenes), desc="simulate", unit="scene", disable=not progress)
     pool = None
     max_episodes = 50 * math.ceil(scenes / scenes_per_episode) + 100
@@ -177,8 +184,11 @@ def generate(out, scenes: int, envs=DEFAULT_ENVS, seed: int = 0, synthetic_fract
                 results = pool.imap_unordered(_work, tasks)
             else:
                 results = map(_work, tasks)
-            for index, n in results:
+            for index, n, w in results:
                 counts[index] = n
+                warned.counts.update(w["counts"])
+                for k, v in w["examples"].items():
+                    warned.examples.setdefault(k, v)
                 simulated += 1
                 bar.update(max(0, min(n, scenes - bar.n)))
             done_scenes, todo = have_until(scenes)
@@ -208,6 +218,7 @@ def generate(out, scenes: int, envs=DEFAULT_ENVS, seed: int = 0, synthetic_fract
         "perturbations": dict(Counter(p for r in rows for p in json.loads(r["meta"])["perturbations"])),
         "qa": dict(Counter(q["task"] for r in rows for q in r["qa"])),
         "distance": real_vs_synthetic(rows),
+        "sim_warnings": warned.to_dict(),
     }
     write_json(out / "sim_summary.json", summary)
     return summary
@@ -232,6 +243,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def _warnings_line(d: dict) -> str | None:
+    from datasets_cfg.sim.world import SimWarnings
+
+    w = SimWarnings()
+    w.counts.update(d.get("by_message") or {})
+    return w.summary("mose simulate")
+
+
 def run(args) -> int:
     try:
         summary = generate(args.out, args.scenes, args.envs, args.seed, args.synthetic_fraction, args.image_size,
@@ -243,4 +262,7 @@ def run(args) -> int:
     print(json.dumps({k: summary[k] for k in ("num_scenes", "sources", "environments", "crash", "near_miss", "episodes_simulated", "episodes_reused")}
                      | {"mmd_real_vs_synthetic": d.get("mmd_real_vs_synthetic"), "mmd_real_vs_real_split": d.get("mmd_real_vs_real_split"),
                         "summary": str(Path(args.out) / "sim_summary.json")}, indent=2))
+    line = _warnings_line(summary.get("sim_warnings") or {})
+    if line:
+        print(line, file=sys.stderr)
     return 0
