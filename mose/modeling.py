@@ -11,6 +11,7 @@ MoSE only swaps `layers[i].mlp` for `MoSESparseBlock`s and adds the routing loss
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,15 @@ class MoSECausalLMOutputWithPast(ModelOutput):
     routing_trace: RoutingTrace | None = None
     plan_poses: torch.FloatTensor | None = None
     plan_loss: torch.FloatTensor | None = None
+
+
+def _base_cache(out) -> object | None:
+    """The base output's KV cache: the `cache` field (transformers 5.25's name); `past_key_values` only where the
+    output class still declares that field (older 5.x), never through the deprecated alias property."""
+    names = {f.name for f in dataclasses.fields(out)} if dataclasses.is_dataclass(out) else set()
+    if "cache" in names:
+        return out.cache
+    return getattr(out, "past_key_values", None) if "past_key_values" in names else None
 
 
 def decoder_layers(vlm: nn.Module) -> nn.ModuleList:
@@ -247,7 +257,7 @@ class MoSEForConditionalGeneration(PreTrainedModel, GenerationMixin):
             logits=out.logits,
             # transformers 5 names: `past_key_values` / `image_hidden_states` of the base output are deprecated aliases
             # that warn (transformers/utils/generic.py:639, models/llava/modeling_llava.py:56)
-            cache=getattr(out, "cache", None),
+            cache=_base_cache(out),
             hidden_states=getattr(out, "hidden_states", None),
             attentions=getattr(out, "attentions", None),
             image_outputs=getattr(out, "image_outputs", None),
