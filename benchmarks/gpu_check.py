@@ -159,7 +159,7 @@ def check_train(model, size: dict, device: str) -> dict:
         sync(device)
         if i:
             times.append(time.perf_counter() - t0)
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
         log(f"  train step {i}: {times[-1] if i else time.perf_counter() - t0:.3f}s loss {losses[-1]:.3f}")
     del opt
     step_s = statistics.median(times)
