@@ -11,6 +11,7 @@ MoSE only swaps `layers[i].mlp` for `MoSESparseBlock`s and adds the routing loss
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -53,21 +54,34 @@ class MoSECausalLMOutputWithPast(ModelOutput):
     routing_trace: chosen experts and weights per layer and token (`output_routing_trace=True`).
     plan_poses: (B, 8, 2) the planning head's poses (prior + residual), "head" decoder with `ego_speed` given.
     plan_loss: the head's smooth-L1 residual loss (when `plan_targets` are given); in `loss` times plan_loss_coef.
+    cache, image_outputs, video_outputs, audio_outputs: the base VLM's, under transformers 5's names (its
+        `MultimodalCausalLMOutputWithPast`, transformers/modeling_outputs.py:573); `past_key_values` still reads `cache`
+        through transformers' deprecated alias (utils/generic.py:639), which warns.
     """
 
     loss: torch.FloatTensor | None = None
     lm_loss: torch.FloatTensor | None = None
     aux_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
+    cache: object | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
-    image_hidden_states: torch.FloatTensor | None = None
-    rope_deltas: torch.LongTensor | None = None
+    image_outputs: ModelOutput | None = None
+    video_outputs: ModelOutput | None = None
+    audio_outputs: ModelOutput | None = None
     router_stats: dict[str, torch.Tensor] | None = None
     routing_trace: RoutingTrace | None = None
     plan_poses: torch.FloatTensor | None = None
     plan_loss: torch.FloatTensor | None = None
+
+
+def _base_cache(out) -> object | None:
+    """The base output's KV cache: the `cache` field (transformers 5.25's name); `past_key_values` only where the
+    output class still declares that field (older 5.x), never through the deprecated alias property."""
+    names = {f.name for f in dataclasses.fields(out)} if dataclasses.is_dataclass(out) else set()
+    if "cache" in names:
+        return out.cache
+    return getattr(out, "past_key_values", None) if "past_key_values" in names else None
 
 
 def decoder_layers(vlm: nn.Module) -> nn.ModuleList:
@@ -182,7 +196,7 @@ class MoSEForConditionalGeneration(PreTrainedModel, GenerationMixin):
             prompt token); default the last attended position of each row.
         plan_targets (`torch.Tensor` of shape `(batch_size, 8, 2)`, *optional*): target poses; rows with a negative
             `plan_index`, a non-finite speed or non-finite targets have none. Given, the output has `plan_loss`.
-        All other arguments (pixel_values, image_grid_thw, past_key_values, ...) go to the base VLM unchanged.
+        All other arguments (pixel_values, image_grid_thw, cache, use_cache, ...) go to the base VLM unchanged.
         """
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None:
@@ -241,11 +255,14 @@ class MoSEForConditionalGeneration(PreTrainedModel, GenerationMixin):
             lm_loss=lm_loss,
             aux_loss=aux_loss,
             logits=out.logits,
-            past_key_values=getattr(out, "past_key_values", None),
+            # transformers 5 names: `past_key_values` / `image_hidden_states` of the base output are deprecated aliases
+            # that warn (transformers/utils/generic.py:639, models/llava/modeling_llava.py:56)
+            cache=_base_cache(out),
             hidden_states=getattr(out, "hidden_states", None),
             attentions=getattr(out, "attentions", None),
-            image_hidden_states=getattr(out, "image_hidden_states", None),
-            rope_deltas=getattr(out, "rope_deltas", None),
+            image_outputs=getattr(out, "image_outputs", None),
+            video_outputs=getattr(out, "video_outputs", None),
+            audio_outputs=getattr(out, "audio_outputs", None),
             router_stats=stats,
             routing_trace=trace,
             plan_poses=plan_poses,
