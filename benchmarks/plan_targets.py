@@ -47,7 +47,7 @@ def trial(rng) -> dict | None:
         return None  # the greedy falls back to the reservation path here; not compared
     _repair(chosen, skills, sources, targets, quotas is not None, np.random.default_rng(0), keep)
     greedy = sum(ilp.units(chosen, skills, targets).values())
-    sol, why = ilp.solve(skills, sources, budget, quotas, smin, targets, ilp.preference(chosen, n, np.random.default_rng(1)))
+    sol, why = ilp.solve(skills, sources, budget, quotas, smin, targets, chosen, np.random.default_rng(1))
     if sol is None:
         return {"failed": why}
     best = sum(ilp.units(sol, skills, targets).values())

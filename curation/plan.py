@@ -40,7 +40,7 @@ How a stage is selected (OURS):
    (it never removes a scene it swapped in or one an earlier requirement needs). The selection is then solved
    as a small integer program (curation/plan_target_ilp.py, `scipy.optimize.milp`): maximise the target units
    met, sum over targets of min(ceil(fraction * budget), selected scenes with the skill), within the budget,
-   quotas and hard minimums, keeping as many of the step-5 scenes as possible (their rank breaks ties). When
+   quotas and hard minimums, keeping as many of the step-5 scenes as possible (best-ranked first). When
    its optimum meets more units, the step-5 scenes outside it give their places to its scenes (group
    "target_ilp", listed in the swaps); a solver failure or time-out keeps step 5 (a recorded fallback).
    Per target the manifest, plan_summary.json and coverage.md report target / achieved / reachable (the

@@ -223,8 +223,7 @@ def _meet_targets(plan, data, ids, scores, reasons, groups_col, srcs, fallbacks,
     chosen = [pos[i] for i in ids]
     greedy = ilp.units(chosen, data.skills, target_n)
     rng = np.random.default_rng([plan.seed, 6])
-    sol, why = ilp.solve(data.skills, data.sources, st.budget, data.quotas, st.skill_min, target_n,
-                         ilp.preference(chosen, len(data.ids), rng))
+    sol, why = ilp.solve(data.skills, data.sources, st.budget, data.quotas, st.skill_min, target_n, chosen, rng)
     if sol is None:
         fallbacks.append({"what": "target_ilp", "why": why, "consequence": "the greedy swap repair's selection is kept for the soft targets"})
     elif sum(ilp.units(sol, data.skills, target_n).values()) > sum(greedy.values()):

@@ -1,36 +1,47 @@
 """Soft skill targets met as far as the pool allows: a stage's selection as a small integer program
 (curation/plan.py, step 6 of its module docstring), solved with `scipy.optimize.milp` (HiGHS).
 
-Variables: x_i in {0, 1} per candidate scene, y_s in [0, T_s] per soft target s (T_s = ceil(fraction * budget)).
-    maximise   W * sum_s y_s + sum_i w_i x_i
-    subject to sum_i x_i = budget;  sum_{i in source q} x_i = quota_q (fixed ratio);
-               sum_{i has m} x_i >= min_m (hard minimums);  y_s <= sum_{i has s} x_i.
-So sum_s y_s = sum_s min(T_s, covered_s), the number of target units met. The secondary weights w_i keep the
-greedy selection (the method's picks after the swap repair): w_i = 1 + a rank bonus below 1/(4 budget) for a
-scene of that selection, a seeded random bonus below 1/(4 budget) for any other; W = budget + 1 exceeds any
-sum of secondary weights, so the units come first and, among optima, the solution keeps as many of the
-greedy selection's scenes as possible (all of them when the greedy already meets every reachable unit).
+Scenes with the same source and the same skills among the stage's minimums and targets are interchangeable for
+every constraint, so the program counts scenes per such group g (size n_g) instead of one binary per scene:
+    z_g in {0..n_g} scenes taken from g;  y_s in [0, T_s] per soft target s (T_s = ceil(fraction * budget));
+    k_g in [0, c_g] scenes of the greedy selection kept in g (c_g of them are in g)
+    maximise   W * sum_s y_s + sum_g k_g                      (W = budget + 1 > any sum of k_g)
+    subject to sum_g z_g = budget;  sum_{g of source q} z_g = quota_q (fixed ratio);
+               sum_{g has m} z_g >= min_m (hard minimums);  y_s <= sum_{g has s} z_g;  k_g <= z_g.
+So sum_s y_s = sum_s min(T_s, covered_s), the target units met, first; then as many scenes of the greedy
+selection (the method's picks after the swap repair) as possible. Within a group the greedy's best-ranked
+scenes are kept and new ones drawn in a seeded random order. The greedy selection is a feasible point, so the
+solution never meets fewer units; when the greedy meets every reachable unit it is returned unchanged.
 
 "Reachable" for one target s = the optimum of the same program with only that target (the most of its T_s
 units any selection within the budget, quotas and minimums meets); "jointly reachable" = the optimum of the
-full program. The greedy selection is a feasible point of the program, so the solution never meets fewer units.
+full program.
 """
 from __future__ import annotations
 
 import numpy as np
 
-TIME_LIMIT_S = 10.0  # per solve; on a time-out or solver failure the caller keeps the greedy selection (a recorded fallback)
+TIME_LIMIT_S = 20.0  # per solve; on a time-out or solver failure the caller keeps the greedy selection (a recorded fallback)
 
 
 def solve(skills: list[frozenset], sources: np.ndarray, budget: int, quotas: dict[str, int] | None, smin: dict[str, int],
-          targets: dict[str, int], weights: np.ndarray | None = None,
+          targets: dict[str, int], chosen: list[int] | None = None, rng=None,
           time_limit: float = TIME_LIMIT_S) -> tuple[list[int] | None, str]:
-    """Solve the program above; returns (chosen positions sorted, "optimal") or (None, why it failed)."""
+    """Solve the program above; returns (positions, best first: the kept greedy scenes in their order, then the
+    new ones; "optimal") or (None, why it failed)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import coo_matrix
 
-    n, tk = len(skills), sorted(targets)
-    nv = n + len(tk)
+    chosen = list(chosen or [])
+    rel = set(smin) | set(targets)
+    groups: dict[tuple, list[int]] = {}
+    for i, sk in enumerate(skills):
+        groups.setdefault((str(sources[i]), tuple(sorted(sk & rel))), []).append(i)
+    keys = sorted(groups)
+    G, tk = len(keys), sorted(targets)
+    rank = {i: r for r, i in enumerate(chosen)}
+    c = [sum(i in rank for i in groups[g]) for g in keys]
+    nv = 2 * G + len(tk)  # z_g, k_g, y_s
     rows, cols, vals, lo, hi = [], [], [], [], []
 
     def add(idx, coef, lower, upper):
@@ -41,45 +52,44 @@ def solve(skills: list[frozenset], sources: np.ndarray, budget: int, quotas: dic
         lo.append(lower)
         hi.append(upper)
 
-    add(list(range(n)), [1.0] * n, budget, budget)
+    add(list(range(G)), [1.0] * G, budget, budget)
     for src, q in sorted((quotas or {}).items()):
-        idx = [i for i in range(n) if sources[i] == src]
+        idx = [j for j, g in enumerate(keys) if g[0] == src]
         add(idx, [1.0] * len(idx), q, q)
     for s, m in sorted(smin.items()):
-        idx = [i for i in range(n) if s in skills[i]]
+        idx = [j for j, g in enumerate(keys) if s in g[1]]
         add(idx, [1.0] * len(idx), m, np.inf)
-    for k, s in enumerate(tk):
-        idx = [i for i in range(n) if s in skills[i]]
-        add(idx + [n + k], [-1.0] * len(idx) + [1.0], -np.inf, 0.0)
+    for t, s in enumerate(tk):
+        idx = [j for j, g in enumerate(keys) if s in g[1]]
+        add(idx + [2 * G + t], [-1.0] * len(idx) + [1.0], -np.inf, 0.0)
+    for j in range(G):
+        add([G + j, j], [1.0, -1.0], -np.inf, 0.0)
     A = coo_matrix((vals, (rows, cols)), shape=(len(lo), nv)).tocsr()
-    w = np.zeros(n) if weights is None else np.asarray(weights, float)
-    big = float(budget + 1)
-    c = -np.concatenate([w, np.full(len(tk), big)])
-    ub = np.concatenate([np.ones(n), [float(targets[s]) for s in tk]])
-    integrality = np.concatenate([np.ones(n), np.zeros(len(tk))])
+    cost = -np.concatenate([np.zeros(G), np.ones(G), np.full(len(tk), float(budget + 1))])
+    ub = np.concatenate([[float(len(groups[g])) for g in keys], [float(x) for x in c], [float(targets[s]) for s in tk]])
+    integrality = np.concatenate([np.ones(G), np.zeros(G + len(tk))])
     try:
-        res = milp(c, constraints=LinearConstraint(A, lo, hi), integrality=integrality, bounds=Bounds(np.zeros(nv), ub),
+        res = milp(cost, constraints=LinearConstraint(A, lo, hi), integrality=integrality, bounds=Bounds(np.zeros(nv), ub),
                    options={"time_limit": float(time_limit), "mip_rel_gap": 0.0})
     except (ValueError, MemoryError) as exc:  # pragma: no cover - solver input problems
         return None, f"scipy milp raised {type(exc).__name__}: {exc}"
     if res.status != 0 or res.x is None:
         return None, f"scipy milp status {res.status}: {res.message}"
-    chosen = sorted(int(i) for i in np.flatnonzero(res.x[:n] > 0.5))
+    z = np.rint(res.x[:G]).astype(int)
+    tie = (rng if rng is not None else np.random.default_rng(0)).random(len(skills))
+    kept, new = [], []
+    for j, g in enumerate(keys):
+        mine = sorted((i for i in groups[g] if i in rank), key=rank.__getitem__)  # greedy scenes, best first
+        kept += mine[:z[j]]
+        others = sorted((i for i in groups[g] if i not in rank), key=lambda i: (tie[i], i))
+        new += others[:max(0, z[j] - len(mine))]
+    out = sorted(kept, key=rank.__getitem__) + sorted(new)
     # check the rounded solution exactly (never trust the float objective)
-    ok = len(chosen) == budget and all(sum(sources[i] == src for i in chosen) == q for src, q in (quotas or {}).items()) \
-        and all(sum(s in skills[i] for i in chosen) >= m for s, m in smin.items())
-    return (chosen, "optimal") if ok else (None, "scipy milp returned a solution that breaks the budget, quotas or minimums")
+    ok = len(out) == len(set(out)) == budget and all(sum(sources[i] == src for i in out) == q for src, q in (quotas or {}).items()) \
+        and all(sum(s in skills[i] for i in out) >= m for s, m in smin.items())
+    return (out, "optimal") if ok else (None, "scipy milp returned a solution that breaks the budget, quotas or minimums")
 
 
 def units(chosen, skills: list[frozenset], targets: dict[str, int]) -> dict[str, int]:
     """Per target: min(T_s, scenes of `chosen` with skill s)."""
     return {s: min(t, sum(s in skills[i] for i in chosen)) for s, t in targets.items()}
-
-
-def preference(chosen: list[int], n: int, rng) -> np.ndarray:
-    """The secondary weights: 1 + rank bonus for the greedy selection (best first), a seeded tie bonus otherwise."""
-    b = max(len(chosen), 1)
-    w = rng.random(n) / (4.0 * b * (n + 1))
-    for r, i in enumerate(chosen):
-        w[i] = 1.0 + (b - r) / (4.0 * b * (b + 1))
-    return w
