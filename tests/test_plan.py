@@ -338,3 +338,18 @@ def test_target_program_respects_quotas_and_minimums_and_is_deterministic(tmp_pa
     assert a["target_units"]["achieved"] == a["target_units"]["reachable_jointly"] == 4 and a["target_units"]["target"] == 5
     again = run_plan(load_plan(path), tmp_path / "out2")
     assert again.manifests["align"].read_bytes() == res.manifests["align"].read_bytes()
+
+
+def test_target_program_failure_keeps_the_greedy_and_is_recorded(tmp_path, monkeypatch):
+    from curation import plan_target_ilp as ilp
+
+    monkeypatch.setattr(ilp, "solve", lambda *a, **k: (None, "scipy milp status 1: Time limit reached."))
+    pool = _tiny_pool(tmp_path, TINY)
+    stages = {"align": {"pools": ["sim"], "method": "random", "budget": 2, "skills": {"target": {"lateral_control": 0.5}}}}
+    res = run_plan(load_plan(write_plan(tmp_path, pool, stages)), tmp_path / "out")
+    sel = res.selections["align"]
+    fb = [f for f in sel.fallbacks if f["what"] == "target_ilp"]
+    assert len(fb) == 1 and "Time limit" in fb[0]["why"]
+    t = sel.state["skills"]["target"]["lateral_control"]
+    assert t["reachable"] is None and t["achieved"] == t["greedy"] and sel.state["skills"]["target_units"]["reachable_jointly"] is None
+    assert len(sel) == 2
