@@ -13,7 +13,8 @@ each stage's budget against its quotas and skill minimums (a greedy reservation;
 This module is the public entry (`load_plan`, `run_plan`, `PlanError`, ...); the pieces, one idea each:
 curation/plan_spec.py (the YAML spec and its checks), curation/plan_reserve.py (pools, skills, the
 feasibility reservation: steps 1-4), curation/plan_select.py (a stage's selection with the swap repair:
-step 5) and curation/plan_coverage.py (the coverage report). Methods come from curation/registry.py.
+step 5), curation/plan_target_ilp.py (the soft targets' integer program: step 6) and
+curation/plan_coverage.py (the coverage report). Methods come from curation/registry.py.
 
 How a stage is selected (OURS):
 1. Stage pool = its pools concatenated, rows matching `filter` (column -> value or list), minus the scenes

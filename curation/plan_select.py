@@ -1,6 +1,7 @@
 """Selecting one stage of a per-stage data plan: the method on each quota, picks interleaved across sources,
 then the swap repair that meets the skill minimums and targets (curation/plan.py, step 5 of its module
-docstring), with the reservation of curation/plan_reserve.py as the fallback.
+docstring), with the reservation of curation/plan_reserve.py as the fallback; then the soft targets as an
+integer program (step 6, curation/plan_target_ilp.py) on either path, with the per-target report.
 
 `_select_stage(plan, data, out_dir, progress)` returns the stage's `Selection`. The selector and its inputs
 come from the method registry (curation/registry.py): the stage's scores / predictions files, the pilot or
