@@ -13,7 +13,8 @@ each stage's budget against its quotas and skill minimums (a greedy reservation;
 This module is the public entry (`load_plan`, `run_plan`, `PlanError`, ...); the pieces, one idea each:
 curation/plan_spec.py (the YAML spec and its checks), curation/plan_reserve.py (pools, skills, the
 feasibility reservation: steps 1-4), curation/plan_select.py (a stage's selection with the swap repair:
-step 5) and curation/plan_coverage.py (the coverage report). Methods come from curation/registry.py.
+step 5), curation/plan_target_ilp.py (the soft targets' integer program: step 6) and
+curation/plan_coverage.py (the coverage report). Methods come from curation/registry.py.
 
 How a stage is selected (OURS):
 1. Stage pool = its pools concatenated, rows matching `filter` (column -> value or list), minus the scenes
@@ -36,6 +37,15 @@ How a stage is selected (OURS):
    listed in the manifest (reason and state); an unmet target is reported, never an error. If the repair
    cannot meet a minimum (rare: the swap rule is greedy), the stage falls back to the reservation of step 4
    followed by the method on the rest (recorded as a fallback).
+6. Soft targets, met as far as the pool allows: the greedy repair of step 5 can leave a reachable target unmet
+   (it never removes a scene it swapped in or one an earlier requirement needs). The selection is then solved
+   as a small integer program (curation/plan_target_ilp.py, `scipy.optimize.milp`): maximise the target units
+   met, sum over targets of min(ceil(fraction * budget), selected scenes with the skill), within the budget,
+   quotas and hard minimums, keeping as many of the step-5 scenes as possible (best-ranked first). When
+   its optimum meets more units, the step-5 scenes outside it give their places to its scenes (group
+   "target_ilp", listed in the swaps); a solver failure or time-out keeps step 5 (a recorded fallback).
+   Per target the manifest, plan_summary.json and coverage.md report target / achieved / reachable (the
+   optimum of the same program for that target alone) / greedy (step 5's count).
 """
 from __future__ import annotations
 
@@ -83,11 +93,15 @@ def run_plan(plan: DataPlan, out_dir: str | os.PathLike, *, pilot_factory: Calla
         selections[st.name] = sel
         manifests[st.name] = sel.write(out / f"{st.name}.jsonl")
     rows = coverage_rows(plan, data, selections)
-    csv, md, png = write_coverage(rows, out, [s.name for s in plan.stages])
+    csv, md, png = write_coverage(rows, out, [s.name for s in plan.stages],
+                                  targets={n: s.state["skills"]["target"] for n, s in selections.items()})
     summary = {"plan": str(plan.path), "name": plan.name, "seed": plan.seed, "stages": {
         name: {"manifest": str(manifests[name]), "method": s.method, "selected": len(s), "budget": s.budget,
                "ratio": s.state["ratio"], "real": s.state["real"], "synthetic": s.state["synthetic"], "reserved": s.state["reserved"],
-               "skills_min": s.state["skills"]["min"], "fallbacks": len(s.fallbacks)} for name, s in selections.items()},
+               "skills_min": s.state["skills"]["min"],
+               "skills_target": {k: {f: v[f] for f in ("fraction", "target", "achieved", "reachable", "greedy")}
+                                 for k, v in s.state["skills"]["target"].items()},
+               "target_units": s.state["skills"]["target_units"], "fallbacks": len(s.fallbacks)} for name, s in selections.items()},
         "coverage": {"csv": str(csv), "markdown": str(md), "png": str(png)}}
     write_json(out / "plan_summary.json", summary)
     return PlanResult(manifests, selections, csv, md, png, out / "plan_summary.json")

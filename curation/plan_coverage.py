@@ -31,9 +31,10 @@ def coverage_rows(plan: DataPlan, data: dict[str, StageCandidates], selections: 
     return rows
 
 
-def write_coverage(rows: list[dict], out: Path, stages: list[str]) -> tuple[Path, Path, Path]:
-    """coverage.csv (long), coverage.md (per stage: skills x source/environment, selected of available) and
-    coverage.png (one heatmap per stage)."""
+def write_coverage(rows: list[dict], out: Path, stages: list[str], targets: dict[str, dict] | None = None) -> tuple[Path, Path, Path]:
+    """coverage.csv (long), coverage.md (per stage: skills x source/environment, selected of available, then the
+    soft targets: target / achieved / reachable / greedy scenes, from `targets` {stage: state["skills"]["target"]})
+    and coverage.png (one heatmap per stage)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,6 +60,13 @@ def write_coverage(rows: list[dict], out: Path, stages: list[str]) -> tuple[Path
         md_parts.append(f"\n## {stage}\n\n| skill | " + " | ".join(cols) + " | total |\n|" + "---|" * (len(cols) + 2) + "\n")
         for i, s in enumerate(skills):
             md_parts.append(f"| {s} | " + " | ".join(f"{M[i, j]}/{A[i, j]}" for j in range(len(cols))) + f" | {M[i].sum()} |\n")
+        tg = (targets or {}).get(stage) or {}
+        if tg:
+            md_parts.append("\nSoft targets (scenes; reachable = the most any selection within the budget, quotas and minimums meets, "
+                            "for that target alone; greedy = the swap repair before the target program):\n\n"
+                            "| skill | target | achieved | reachable | greedy |\n|---|---|---|---|---|\n")
+            for s, v in tg.items():
+                md_parts.append(f"| {s} | {v['target']} | {v['achieved']} | {v['reachable']} | {v['greedy']} |\n")
         im = ax.imshow(M, aspect="auto", cmap="viridis")
         ax.set_xticks(range(len(cols)))
         ax.set_xticklabels(cols, rotation=70, fontsize=6)

@@ -1,6 +1,7 @@
 """Selecting one stage of a per-stage data plan: the method on each quota, picks interleaved across sources,
 then the swap repair that meets the skill minimums and targets (curation/plan.py, step 5 of its module
-docstring), with the reservation of curation/plan_reserve.py as the fallback.
+docstring), with the reservation of curation/plan_reserve.py as the fallback; then the soft targets as an
+integer program (step 6, curation/plan_target_ilp.py) on either path, with the per-target report.
 
 `_select_stage(plan, data, out_dir, progress)` returns the stage's `Selection`. The selector and its inputs
 come from the method registry (curation/registry.py): the stage's scores / predictions files, the pilot or
@@ -180,6 +181,7 @@ def _stage_selection(plan, data, ids, scores, reasons, groups_col, srcs, picks, 
     from curation.selection import pool_info
 
     st = data.stage
+    target_report = _meet_targets(plan, data, ids, scores, reasons, groups_col, srcs, fallbacks, skill_state)
     if data.skills_fallback_rows:
         fallbacks.append({"what": "skills_fallback", "why": f"{data.skills_fallback_rows} candidate rows have no 'skills'",
                           "consequence": "skills derived with datasets_cfg.skill_annotation.scene_skills" if plan.skills_fallback == "annotate"
@@ -193,7 +195,9 @@ def _stage_selection(plan, data, ids, scores, reasons, groups_col, srcs, picks, 
         "quotas": data.quotas, "real": n_real, "synthetic": len(ids) - n_real, "ratio": f"{n_real}:{len(ids) - n_real}",
         "reserved": skill_state["reserved"], "skill_swaps": skill_state["swaps"],
         "skills": {"min": {s: {"required": m, "selected": counts.get(s, 0)} for s, m in st.skill_min.items()},
-                   "target": {s: {"fraction": f, "selected_fraction": counts.get(s, 0) / max(len(ids), 1)} for s, f in st.skill_target.items()},
+                   "target": {s: {"fraction": f, "selected_fraction": counts.get(s, 0) / max(len(ids), 1), **target_report["per_skill"][s]}
+                              for s, f in st.skill_target.items()},
+                   "target_units": target_report["units"],
                    "target_shortfalls": skill_state["target_shortfalls"], "selected_counts": dict(sorted(counts.items()))},
         "method_state": {g: p.state for g, p in picks.items() if p is not None},
     }
@@ -203,3 +207,49 @@ def _stage_selection(plan, data, ids, scores, reasons, groups_col, srcs, picks, 
                      state=state, fallbacks=fallbacks, extra={"group": groups_col, "source": srcs},
                      pool={**pool_info(data.pool), "path": ",".join(str(plan.pools[p].resolve()) for p in st.pools)})
 
+
+
+def _meet_targets(plan, data, ids, scores, reasons, groups_col, srcs, fallbacks, skill_state) -> dict:
+    """Step 6: the soft targets as an integer program (curation/plan_target_ilp.py). When its optimum meets more
+    target units than the greedy selection (`ids`, changed in place with the parallel lists), the greedy's
+    scenes outside the optimum give their places to the optimum's new scenes (same source when the ratio is
+    fixed). Returns the per-target report: target, achieved, reachable (alone), greedy; and the unit totals."""
+    from curation import plan_target_ilp as ilp
+
+    st = data.stage
+    target_n = {s: int(math.ceil(f * st.budget)) for s, f in st.skill_target.items()}
+    if not target_n:
+        return {"per_skill": {}, "units": None}
+    pos = {sid: i for i, sid in enumerate(data.ids)}
+    chosen = [pos[i] for i in ids]
+    greedy = ilp.units(chosen, data.skills, target_n)
+    rng = np.random.default_rng([plan.seed, 6])
+    sol, why = ilp.solve(data.skills, data.sources, st.budget, data.quotas, st.skill_min, target_n, chosen, rng)
+    if sol is None:
+        fallbacks.append({"what": "target_ilp", "why": why, "consequence": "the greedy swap repair's selection is kept for the soft targets"})
+    elif sum(ilp.units(sol, data.skills, target_n).values()) > sum(greedy.values()):
+        sol_set, in_set = set(sol), set(chosen)
+        added = [i for i in sol if i not in in_set]
+        fixed = data.quotas is not None
+        swaps = []
+        for k, old in enumerate(chosen):
+            if old in sol_set:
+                continue
+            new = next(i for i in added if not fixed or data.sources[i] == data.sources[old])
+            added.remove(new)
+            gained = sorted(s for s in target_n if s in data.skills[new])
+            chosen[k] = new
+            ids[k], scores[k], srcs[k], groups_col[k] = data.ids[new], float("nan"), str(data.sources[new]), "target_ilp"
+            reasons[k] = f"swapped in by the target program for skill(s) {gained} (replaces {data.ids[old]!r})"
+            swaps.append({"added": data.ids[new], "removed": data.ids[old], "skill": ",".join(gained), "by": "target_ilp"})
+        skill_state["swaps"] = skill_state["swaps"] + swaps
+    achieved = ilp.units(chosen, data.skills, target_n)
+    skill_state["target_shortfalls"] = {s: t - achieved[s] for s, t in target_n.items() if achieved[s] < t}
+    per = {}
+    for s, t in target_n.items():
+        alone, _ = ilp.solve(data.skills, data.sources, st.budget, data.quotas, st.skill_min, {s: t})
+        per[s] = {"target": t, "achieved": achieved[s], "reachable": None if alone is None else ilp.units(alone, data.skills, {s: t})[s],
+                  "greedy": greedy[s]}
+    return {"per_skill": per, "units": {"target": sum(target_n.values()), "achieved": sum(achieved.values()),
+                                        "reachable_jointly": None if sol is None else sum(ilp.units(sol, data.skills, target_n).values()),
+                                        "greedy": sum(greedy.values())}}

@@ -241,3 +241,115 @@ def test_mose_curate_plan(pool_dir, tmp_path, capsys):
     assert len(sel) == 12 and sel.seed == 3
     assert main(["curate", "--plan", str(other), "--out", str(tmp_path / "m2")]) == 2
     assert "pools.sim.path" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# soft targets met as far as the pool allows (curation/plan.py step 6, curation/plan_target_ilp.py)
+# Skills are leaves of three different parents (datasets_cfg/skills.yaml), so no target skill is another's ancestor.
+
+def _tiny_pool(tmp_path, rows):
+    out = tmp_path / "tinypool"
+    ScenePool.from_rows([scene(sid, source=src, skills=sk) for sid, src, sk in rows]).save(out)
+    return out
+
+
+# p1: agent_intent; p2: barriers; ac: agent_intent + lateral_control; c1, c2: lateral_control
+TINY = [("p1", "real", ["agent_intent"]), ("p2", "real", ["barriers"]), ("ac", "real", ["agent_intent", "lateral_control"]),
+        ("c1", "real", ["lateral_control"]), ("c2", "real", ["lateral_control"])]
+
+
+def test_greedy_repair_misses_a_reachable_target():
+    """The swap repair (plan_select._repair) from the picks [p1, p2], budget 2, one scene each of barriers,
+    agent_intent, lateral_control: scarcest first (barriers 1 scene, agent_intent 2, lateral_control 3), barriers and
+    agent_intent are already met by p2 and p1; for lateral_control neither pick may go (each is the only scene of a
+    met target) -> short by 1. Yet {p2, ac} meets all three: the integer program finds it (the only such pair:
+    barriers is only in p2, and the other scene must carry both agent_intent and lateral_control: ac)."""
+    import numpy as np
+
+    from curation import plan_target_ilp as ilp
+    from curation.plan_select import _repair
+
+    tax = load_taxonomy()
+    skills = []
+    for _, _, sk in TINY:
+        full = set()
+        for n in sk:
+            while n is not None:
+                full.add(n)
+                n = tax.parent(n)
+        skills.append(frozenset(full))
+    sources = np.array(["real"] * len(TINY))
+    need = {"barriers": 1, "agent_intent": 1, "lateral_control": 1}
+    chosen = [0, 1]
+    _, short = _repair(chosen, skills, sources, need, False, np.random.default_rng(0), {})
+    assert sorted(chosen) == [0, 1] and short == {"lateral_control": 1}
+    sol, why = ilp.solve(skills, sources, 2, None, {}, need, [0, 1], np.random.default_rng(0))
+    assert why == "optimal" and sorted(sol) == [1, 2]  # p2, ac
+    assert ilp.units(sol, skills, need) == need
+
+
+def test_plan_meets_every_reachable_target_and_reports_unreachable(tmp_path):
+    pool = _tiny_pool(tmp_path, TINY)
+    stages = {"align": {"pools": ["sim"], "method": "random", "budget": 2,
+                        "skills": {"target": {"barriers": 0.5, "agent_intent": 0.5, "lateral_control": 0.5}}},
+              # barriers 1.0 of 2 -> 2 scenes, the pool has one (p2): unreachable, achieved = reachable = 1
+              "router_pretrain": {"pools": ["sim"], "method": "random", "budget": 2, "skills": {"target": {"barriers": 1.0}}}}
+    res = run_plan(load_plan(write_plan(tmp_path, pool, stages)), tmp_path / "out")
+    align = Selection.read(res.manifests["align"])
+    assert sorted(align.ids) == ["ac", "p2"]  # the only pair meeting all three (test above), whatever the method picked
+    summary = json.loads(res.summary.read_text())
+    a = summary["stages"]["align"]
+    assert {s: (v["target"], v["achieved"], v["reachable"]) for s, v in a["skills_target"].items()} == \
+        {"barriers": (1, 1, 1), "agent_intent": (1, 1, 1), "lateral_control": (1, 1, 1)}
+    assert a["target_units"]["achieved"] == a["target_units"]["reachable_jointly"] == a["target_units"]["target"] == 3
+    assert align.state["skills"]["target_shortfalls"] == {}
+    rp = summary["stages"]["router_pretrain"]
+    assert (rp["skills_target"]["barriers"]["target"], rp["skills_target"]["barriers"]["achieved"], rp["skills_target"]["barriers"]["reachable"]) == (2, 1, 1)
+    assert "p2" in Selection.read(res.manifests["router_pretrain"]).ids
+    assert Selection.read(res.manifests["router_pretrain"]).state["skills"]["target_shortfalls"] == {"barriers": 1}
+    md = res.coverage_md.read_text()
+    assert "| skill | target | achieved | reachable | greedy |" in md and "| barriers | 2 | 1 | 1 |" in md
+
+
+# real: r1 barriers, r2 agent_intent + lateral_control, r3 -, r4 traffic_cones; synthetic: s1 barriers + agent_intent,
+# s2 -, s3 lateral_control, s4 -
+QUOTA = [("r1", "real", ["barriers"]), ("r2", "real", ["agent_intent", "lateral_control"]), ("r3", "real", []),
+         ("r4", "real", ["traffic_cones"]), ("s1", "synthetic", ["barriers", "agent_intent"]), ("s2", "synthetic", []),
+         ("s3", "synthetic", ["lateral_control"]), ("s4", "synthetic", [])]
+
+
+def test_target_program_respects_quotas_and_minimums_and_is_deterministic(tmp_path):
+    """Budget 4 at 1:1 (2 real, 2 synthetic), minimum traffic_cones 1 (only r4: forced), targets barriers 0.5 -> 2,
+    agent_intent 0.25 -> 1, lateral_control 0.5 -> 2 (5 units). Alone each is reachable: barriers {r1, s1},
+    agent_intent any of r2 / s1, lateral_control {r2, s3}. Jointly at most 4: two barriers need r1 and s1, then the
+    real slots are r4, r1 and lateral_control has only s3 (2 + 1 + 1); without r1, barriers <= 1 (1 + 1 + 2)."""
+    pool = _tiny_pool(tmp_path, QUOTA)
+    stages = {"align": {"pools": ["sim"], "method": "random", "budget": 4, "real_fraction": 0.5,
+                        "skills": {"min": {"traffic_cones": 1},
+                                   "target": {"barriers": 0.5, "agent_intent": 0.25, "lateral_control": 0.5}}}}
+    path = write_plan(tmp_path, pool, stages)
+    res = run_plan(load_plan(path), tmp_path / "out")
+    sel = Selection.read(res.manifests["align"])
+    src = {sid: s for sid, s, _ in QUOTA}
+    assert len(sel) == 4 and sum(src[i] == "real" for i in sel.ids) == 2 and "r4" in sel.ids
+    a = json.loads(res.summary.read_text())["stages"]["align"]
+    assert {s: (v["target"], v["reachable"]) for s, v in a["skills_target"].items()} == \
+        {"barriers": (2, 2), "agent_intent": (1, 1), "lateral_control": (2, 2)}
+    assert a["target_units"]["achieved"] == a["target_units"]["reachable_jointly"] == 4 and a["target_units"]["target"] == 5
+    again = run_plan(load_plan(path), tmp_path / "out2")
+    assert again.manifests["align"].read_bytes() == res.manifests["align"].read_bytes()
+
+
+def test_target_program_failure_keeps_the_greedy_and_is_recorded(tmp_path, monkeypatch):
+    from curation import plan_target_ilp as ilp
+
+    monkeypatch.setattr(ilp, "solve", lambda *a, **k: (None, "scipy milp status 1: Time limit reached."))
+    pool = _tiny_pool(tmp_path, TINY)
+    stages = {"align": {"pools": ["sim"], "method": "random", "budget": 2, "skills": {"target": {"lateral_control": 0.5}}}}
+    res = run_plan(load_plan(write_plan(tmp_path, pool, stages)), tmp_path / "out")
+    sel = res.selections["align"]
+    fb = [f for f in sel.fallbacks if f["what"] == "target_ilp"]
+    assert len(fb) == 1 and "Time limit" in fb[0]["why"]
+    t = sel.state["skills"]["target"]["lateral_control"]
+    assert t["reachable"] is None and t["achieved"] == t["greedy"] and sel.state["skills"]["target_units"]["reachable_jointly"] is None
+    assert len(sel) == 2
