@@ -128,3 +128,18 @@ def test_a_plain_import_of_a_project_module_is_refused_with_the_file_and_line():
 
     with pytest.raises(RemoteCodeError, match=r"fake.py:2: `import mose.skills`"):
         _project_imports("mose.fake", "import os\nimport mose.skills\n", Path("fake.py"))
+
+
+def test_with_the_package_imported_its_classes_win_even_with_trust_remote_code(saved, tmp_path):
+    """transformers prefers a registered class from outside transformers over the checkpoint's code
+    (transformers/models/auto/auto_factory.py: `explicit_local_code`; configuration_auto.py likewise)."""
+    path, expected = saved
+    code = "import torch, mose\nfrom transformers import AutoConfig, AutoModelForImageTextToText\n"
+    code += GENERATE.format(path=str(path), batch=str(path / "batch.pt"), extra=", trust_remote_code=True")
+    code += f"""
+assert type(model).__module__ == "mose.modeling", type(model).__module__
+assert type(AutoConfig.from_pretrained({str(path)!r}, trust_remote_code=True)).__module__ == "mose.config"
+"""
+    env = {**ENV, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    name, tokens = _run(code, env=env).split(" ", 1)
+    assert name == "MoSEForConditionalGeneration" and eval(tokens) == expected
