@@ -6,6 +6,8 @@ Everything is validated here, at the boundary, so a bad option fails before any 
 """
 from __future__ import annotations
 
+import sys
+
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -232,5 +234,6 @@ class MoSEConfig(PretrainedConfig):
 
 __all__ = ["MoSEConfig", "SUPPORTED_BASES", "check_base_config", "resolve_moe_layers"]
 
-
-AutoConfig.register(MoSEConfig.model_type, MoSEConfig, exist_ok=True)
+_DEFINED = True
+if __name__.startswith("mose."):  # in the package (not the copy inside a checkpoint): register with the Auto classes
+    sys.modules["mose"]._register_auto_classes()

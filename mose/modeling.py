@@ -4,7 +4,7 @@
     model = mose.upcycle(vlm, num_experts=4, top_k=2, moe_layers="every_other", skill_groups=..., skill_parents=...)
     out = model(**batch, labels=labels, skill_labels=skill_labels)   # out.loss = LM loss + aux_loss
     model.save_pretrained("ckpt")                                     # safetensors
-    AutoModelForImageTextToText.from_pretrained("ckpt")               # plain transformers, after `import mose.modeling`
+    AutoModelForImageTextToText.from_pretrained("ckpt")               # plain transformers, after `import mose`
 
 The wrapped VLM keeps its own modules, forward and generation logic (LLaVA / Qwen2-VL rope handling, KV cache);
 MoSE only swaps `layers[i].mlp` for `MoSESparseBlock`s and adds the routing losses, statistics and trace.
@@ -12,11 +12,13 @@ MoSE only swaps `layers[i].mlp` for `MoSESparseBlock`s and adds the routing loss
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import sys
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .config import MoSEConfig, check_base_config
@@ -147,6 +149,26 @@ class MoSEForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 self.plan_head.reset_parameters()
 
     # ---- plumbing: everything else is the wrapped VLM's ------------------------------------------------------------
+    def save_pretrained(self, save_directory, is_main_process: bool = True, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus a self-contained checkpoint: the in-package model also writes its code
+        (flattened, relative imports; mose/remote_code.py) and an `auto_map` in config.json, so that
+        `from_pretrained(ckpt, trust_remote_code=True)` works where this package is not installed. A copy loaded as
+        remote code re-saves through transformers' own `custom_object_save` (it has `_auto_class` set on load)."""
+        if not __name__.startswith("mose."):  # the copy inside a checkpoint, loaded as remote code
+            return super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        remote = importlib.import_module("mose.remote_code")
+        had, previous = "auto_map" in self.config.__dict__, self.config.__dict__.get("auto_map")
+        self.config.auto_map = remote.auto_map(type(self.config), type(self))
+        try:  # auto_map only in this save's config.json (resume checkpoints write the config without the code)
+            super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        finally:
+            if had:
+                self.config.auto_map = previous
+            else:
+                del self.config.auto_map
+        if is_main_process:
+            remote.write_remote_code(save_directory, type(self.config), type(self))
+
     def get_input_embeddings(self):
         return self.vlm.get_input_embeddings()
 
@@ -421,12 +443,8 @@ def upcycle(base_model: PreTrainedModel, *, seed: int = 0, **moe_options) -> MoS
     return model
 
 
-def _register() -> None:
-    AutoConfig.register(MoSEConfig.model_type, MoSEConfig, exist_ok=True)
-    AutoModelForImageTextToText.register(MoSEConfig, MoSEForConditionalGeneration, exist_ok=True)
-    AutoModelForCausalLM.register(MoSEConfig, MoSEForConditionalGeneration, exist_ok=True)
-
-
-_register()
-
 __all__ = ["MoSEForConditionalGeneration", "MoSECausalLMOutputWithPast", "upcycle", "router_log", "decoder_layers"]
+
+_DEFINED = True
+if __name__.startswith("mose."):  # in the package (not the copy inside a checkpoint): register with the Auto classes
+    sys.modules["mose"]._register_auto_classes()

@@ -5,7 +5,8 @@
     <output_dir>/<stage>/final/               the stage's result: safetensors + config + processor +
                                               stage_summary.json; written to a temporary directory, then renamed
 
-`final/` loads with plain transformers (`AutoModelForImageTextToText.from_pretrained(final)` after `import mose`), no
+`final/` loads with plain transformers (`AutoModelForImageTextToText.from_pretrained(final)` after `import mose`, or
+with `trust_remote_code=True` where this package is not installed: it holds the model code, mose/remote_code.py), no
 DeepSpeed and no PEFT needed: LoRA adapters are merged into the attention weights (W + alpha/r * B A) first.
 """
 from __future__ import annotations
