@@ -65,6 +65,17 @@ class MoSERouter(nn.Module):
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         return logits, top_w, top_i
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) / .half() (DeepSpeed bf16) would also cast the buffers: a bf16 bias cannot take 1e-3 steps
+        # near 0.1 exactly and bf16 counts stop at 256, so the aux-free state keeps its own precision on any device
+        super()._apply(fn, recurse)
+        if self.balancing == "aux_free":
+            if self.expert_bias.dtype != torch.float32:
+                self.expert_bias = self.expert_bias.float()
+            if self.load_counts.dtype != torch.float64:
+                self.load_counts = self.load_counts.double()
+        return self
+
     @torch.no_grad()
     def count_load(self, top_i: torch.Tensor) -> None:
         """Add one micro-batch's top-k choices (real tokens only) to `load_counts` (aux_free only)."""

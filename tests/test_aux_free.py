@@ -32,6 +32,18 @@ def test_bias_changes_the_choice_but_not_the_gate_values():
     torch.testing.assert_close(top_w, chosen / chosen.sum(-1, keepdim=True))
 
 
+def test_aux_free_state_keeps_its_precision_when_the_model_is_cast():
+    r = _router().to(torch.bfloat16)
+    assert r.weight.dtype == torch.bfloat16
+    assert r.expert_bias.dtype == torch.float32 and r.load_counts.dtype == torch.float64
+    r.expert_bias.fill_(0.1)
+    r.load_counts.copy_(torch.tensor([3.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+    update_aux_free_bias(r, 0.001)
+    torch.testing.assert_close(r.expert_bias, torch.tensor([0.099, 0.1, 0.101, 0.101]))
+    _, top_w, top_i = r(torch.randn(5, 8, dtype=torch.bfloat16))
+    assert top_i.shape == (5, 2)
+
+
 def test_update_rule_hand_case():
     r = _router()
     r.load_counts.copy_(torch.tensor([3.0, 1.0, 0.0, 0.0], dtype=torch.float64))
