@@ -13,6 +13,7 @@ first-order Markov structure, so some tokens are far more frequent than others (
 Per step and run: balance E * sum_e f_e P_e (mean over MoE layers; 1 = balanced), max and min expert load relative to
 the uniform share (mean over layers; 1 = balanced), LM loss. Summary: means over the last quarter of the steps, and
 the same statistics on held-out batches after training (evaluation mode; the aux-free bias applies).
+Measured figures (300 steps, rates 1e-3 / 3e-3 / 1e-2): docs/methods/mose_model.md, "Aux-loss-free balancing".
 """
 from __future__ import annotations
 
