@@ -107,6 +107,13 @@ class MoSEConfig(PretrainedConfig):
         trajectory_decoder (`str`): where the planned poses come from (mose/trajectory_decoders.py): "text" (the
             answer's `[trajectory]` decimals; no extra weights) or "head" (a `plan_head` MLP on the last hidden state
             at the last prompt token predicts a residual to a constant-velocity prior from the `ego_speed` input).
+        balancing (`str`): how expert load is balanced: "aux_loss" (the balance loss only, weighted by
+            `router_balance_coef`) or "aux_free" (DeepSeek-V3's auxiliary-loss-free balancing: a per-expert bias on
+            the top-k selection only, updated once per optimizer step from the step's expert loads; see
+            `mose.moe.MoSERouter` / `update_aux_free_bias`). "aux_free" leaves `router_balance_coef` as configured
+            (DeepSeek-V3 keeps a tiny sequence-wise loss, alpha = 1e-4; set the stage's `losses.balance` to 0 for
+            pure aux-free balancing).
+        aux_free_rate (`float`): the bias update speed gamma of "aux_free" (DeepSeek-V3: 0.001).
         plan_loss_coef (`float`): weight of the planning head's loss in `loss` ("head" only; set per stage from
             `losses.plan` by the trainer).
     """
@@ -132,6 +139,8 @@ class MoSEConfig(PretrainedConfig):
     tie_word_embeddings: bool = False
     trajectory_decoder: str = "text"
     plan_loss_coef: float = 1.0
+    balancing: str = "aux_loss"
+    aux_free_rate: float = 1e-3
 
     def __post_init__(self, **kwargs):
         if "top_k" in kwargs:  # alias; generation options named top_k would otherwise be popped silently
@@ -162,6 +171,12 @@ class MoSEConfig(PretrainedConfig):
             raise ValueError(f"MoSEConfig.capacity_factor: expected None (dropless) or > 0, got {self.capacity_factor!r}.")
         if self.expert_intermediate_size is not None and not self.expert_intermediate_size > 0:
             raise ValueError(f"MoSEConfig.expert_intermediate_size: expected None or > 0, got {self.expert_intermediate_size!r}.")
+        from .moe import BALANCING
+
+        if self.balancing not in BALANCING:
+            raise ValueError(f"MoSEConfig.balancing: expected one of {BALANCING}, got {self.balancing!r}.")
+        if isinstance(self.aux_free_rate, bool) or not isinstance(self.aux_free_rate, (int, float)) or not self.aux_free_rate >= 0:
+            raise ValueError(f"MoSEConfig.aux_free_rate: expected a number >= 0 (DeepSeek-V3: 0.001), got {self.aux_free_rate!r}.")
         if not 0.0 <= self.router_jitter < 1.0:
             raise ValueError(f"MoSEConfig.router_jitter: expected 0 <= jitter < 1, got {self.router_jitter!r}.")
         from .trajectory_decoders import check_decoder

@@ -40,7 +40,7 @@ from .trajectory_decoders import PlanningHead, constant_velocity_prior, plan_los
 MOE_OPTIONS = (
     "num_experts", "num_experts_per_tok", "top_k", "moe_layers", "expert_intermediate_size", "shared_expert", "router_jitter",
     "router_z_loss_coef", "router_balance_coef", "skill_loss_coef", "skill_groups", "skill_parents", "dispatch",
-    "capacity_factor", "trajectory_decoder", "plan_loss_coef",
+    "capacity_factor", "trajectory_decoder", "plan_loss_coef", "balancing", "aux_free_rate",
 )
 
 
@@ -135,7 +135,7 @@ class MoSEForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 text.hidden_size, config.expert_ffn_size, config.num_experts, config.num_experts_per_tok,
                 shared_expert=config.shared_expert, shared_intermediate_size=text.intermediate_size,
                 router_jitter=config.router_jitter, dispatch=config.dispatch, capacity_factor=config.capacity_factor,
-                layer_idx=i,
+                layer_idx=i, balancing=config.balancing,
             )
             if isinstance(ref, nn.Linear) and ref.weight.device.type != "meta":
                 block = block.to(device=ref.weight.device, dtype=ref.weight.dtype)
@@ -356,6 +356,9 @@ class MoSEForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 labels = labels.masked_fill(~token_mask, IGNORE_INDEX)
             groups = skill_group_matrix(cfg.skill_groups, cfg.num_experts, device=device)
             parents = torch.tensor(cfg.skill_parent_ids(), device=device)
+        # aux_free: this micro-batch's real-token choices feed the next bias update (here, once per forward, so a
+        # gradient-checkpointing recompute in backward never counts a batch twice)
+        count = {b.layer_idx: b.router for b in self.moe_blocks()} if self.training and cfg.balancing == "aux_free" else {}
         per_layer: dict[str, list[torch.Tensor]] = {k: [] for k in ("balance", "z_loss", "entropy", "skill_loss", "skill_accuracy", "expert_load")}
         for r in records:
             per_layer["balance"].append(load_balance_loss(r.logits, r.top_i, token_mask))
@@ -363,6 +366,8 @@ class MoSEForConditionalGeneration(PreTrainedModel, GenerationMixin):
             per_layer["entropy"].append(routing_entropy(r.logits, token_mask).detach())
             top_i = r.top_i if token_mask is None else r.top_i[token_mask]
             load = torch.bincount(top_i.reshape(-1), minlength=cfg.num_experts).float()
+            if r.layer_idx in count:
+                count[r.layer_idx].count_load(top_i)
             per_layer["expert_load"].append(load / load.sum().clamp_min(1))
             if labels is not None:
                 per_layer["skill_loss"].append(skill_routing_loss(r.logits, labels, groups, parents))

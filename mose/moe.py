@@ -23,14 +23,31 @@ IGNORE_INDEX = -100
 # --------------------------------------------------------------------------------------------------------------
 
 
-class MoSERouter(nn.Module):
-    """Linear router without bias: softmax over experts, top-k, weights renormalised over the chosen k."""
+BALANCING = ("aux_loss", "aux_free")
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, jitter: float = 0.0):
+
+class MoSERouter(nn.Module):
+    """Linear router without bias: softmax over experts, top-k, weights renormalised over the chosen k.
+
+    balancing="aux_free" (DeepSeek-V3, arXiv:2412.19437, Sec. 2.1.2 "Auxiliary-Loss-Free Load Balancing"): a
+    per-expert bias `expert_bias` (E,) (a buffer: saved in checkpoints, never trained by the gradient) is added to the
+    routing probabilities ONLY to choose the top-k experts; the gate weights of the chosen experts are the unbiased
+    probabilities, renormalised over the k chosen, as without the bias. The bias moves once per optimizer step, outside
+    the gradient, by `update_aux_free_bias` from the expert loads accumulated in `load_counts` (see there). The bias
+    also applies in evaluation and generation (it is part of the routing, as in DeepSeek-V3's inference).
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, jitter: float = 0.0, balancing: str = "aux_loss"):
         super().__init__()
-        self.num_experts, self.top_k, self.jitter = num_experts, top_k, jitter
+        if balancing not in BALANCING:
+            raise ValueError(f"MoSERouter: balancing must be one of {BALANCING}, got {balancing!r}.")
+        self.num_experts, self.top_k, self.jitter, self.balancing = num_experts, top_k, jitter, balancing
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         nn.init.normal_(self.weight, std=0.02)
+        if balancing == "aux_free":  # registered only then: default checkpoints keep their exact key set
+            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+            # top-k choices per expert since the last bias update (not saved: a step's counts never outlive the step)
+            self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # hidden_states: (N, H)
@@ -39,9 +56,60 @@ class MoSERouter(nn.Module):
             hidden_states = hidden_states * noise
         logits = F.linear(hidden_states.float(), self.weight.float())  # (N, E), fp32 for a stable softmax
         probs = logits.softmax(dim=-1)
-        top_w, top_i = probs.topk(self.top_k, dim=-1)  # (N, k)
+        if self.balancing == "aux_free":
+            # DeepSeek-V3 eq. (16): the bias only decides the selection; eq. (13) takes the gate from the raw affinity
+            top_i = (probs.detach() + self.expert_bias.float()).topk(self.top_k, dim=-1).indices  # (N, k)
+            top_w = probs.gather(1, top_i)
+        else:
+            top_w, top_i = probs.topk(self.top_k, dim=-1)  # (N, k)
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         return logits, top_w, top_i
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) / .half() (DeepSpeed bf16) would also cast the buffers: a bf16 bias cannot take 1e-3 steps
+        # near 0.1 exactly and bf16 counts stop at 256, so the aux-free state keeps its own precision on any device
+        super()._apply(fn, recurse)
+        if self.balancing == "aux_free":
+            if self.expert_bias.dtype != torch.float32:
+                self.expert_bias = self.expert_bias.float()
+            if self.load_counts.dtype != torch.float64:
+                self.load_counts = self.load_counts.double()
+        return self
+
+    @torch.no_grad()
+    def count_load(self, top_i: torch.Tensor) -> None:
+        """Add one micro-batch's top-k choices (real tokens only) to `load_counts` (aux_free only)."""
+        self.load_counts += torch.bincount(top_i.reshape(-1), minlength=self.num_experts).to(self.load_counts)
+
+
+@torch.no_grad()
+def update_aux_free_bias(model: nn.Module, rate: float) -> int:
+    """One aux-loss-free bias update for every aux_free router of `model`; returns how many routers moved.
+
+    Per router, from the counts c_e of the step (all micro-batches of the optimizer step, summed over data-parallel
+    processes with one all-reduce when torch.distributed is initialised, so every rank keeps the same bias):
+    b_e += rate * sign(mean(c) - c_e)  (DeepSeek-V3 Sec. 2.1.2: "decrease the bias term by gamma if its corresponding
+    expert is overloaded and increase it by gamma if its corresponding expert is underloaded"). The counts are then
+    reset. A router that saw no token this step is left unchanged.
+    """
+    routers = [m for m in model.modules() if isinstance(m, MoSERouter) and m.balancing == "aux_free"]
+    if not routers:
+        return 0
+    counts = torch.stack([r.load_counts.to(torch.float64).cpu() for r in routers])  # (R, E)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        counts = counts.to(dev)
+        dist.all_reduce(counts)
+        counts = counts.cpu()
+    moved = 0
+    for r, c in zip(routers, counts):
+        if c.sum() > 0:
+            delta = rate * torch.sign(c.mean() - c)
+            r.expert_bias += delta.to(r.expert_bias)
+            moved += 1
+        r.load_counts.zero_()
+    return moved
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -124,10 +192,11 @@ class MoSESparseBlock(nn.Module):
         dispatch: str = "auto",
         capacity_factor: float | None = None,
         layer_idx: int = 0,
+        balancing: str = "aux_loss",
     ):
         super().__init__()
         self.num_experts, self.top_k, self.capacity_factor, self.layer_idx = num_experts, top_k, capacity_factor, layer_idx
-        self.router = MoSERouter(hidden_size, num_experts, top_k, router_jitter)
+        self.router = MoSERouter(hidden_size, num_experts, top_k, router_jitter, balancing)
         self.experts = MoSEExperts(num_experts, hidden_size, intermediate_size, dispatch)
         self.shared_expert = (
             MoSESharedExpert(hidden_size, shared_intermediate_size or intermediate_size) if shared_expert else None
@@ -274,7 +343,7 @@ class RoutingTrace:
 
 
 __all__ = [
-    "MoSERouter", "MoSEExperts", "MoSESharedExpert", "MoSESparseBlock", "RoutingRecord", "RoutingRecorder", "RoutingTrace",
+    "BALANCING", "MoSERouter", "update_aux_free_bias", "MoSEExperts", "MoSESharedExpert", "MoSESparseBlock", "RoutingRecord", "RoutingRecorder", "RoutingTrace",
     "load_balance_loss", "router_z_loss", "routing_entropy", "skill_group_matrix", "skill_routing_loss",
     "skill_routing_accuracy", "IGNORE_INDEX",
 ]

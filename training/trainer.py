@@ -6,6 +6,11 @@ router statistics the model returns (balance, z-loss, entropy, skill loss, skill
 are averaged over the micro-batches of a logging interval (and over processes) and added to the logs, per layer
 and as the mean over layers, never as a sum over layers. DeepSpeed (ZeRO-2 / ZeRO-3), plain PyTorch, CPU and
 GPU all go through this same class; the engine is the Trainer's (`TrainingArguments.deepspeed`).
+
+With `MoSEConfig.balancing == "aux_free"` the trainer adds `AuxFreeBiasCallback`: at the end of every optimizer
+step (`on_step_end`, i.e. after the gradient-accumulation boundary, not per micro-batch) it moves each router's
+per-expert selection bias from the expert loads of all the step's micro-batches, summed over processes
+(`mose.moe.update_aux_free_bias`), so under data parallel / ZeRO every rank keeps the same bias.
 """
 from __future__ import annotations
 
@@ -15,7 +20,9 @@ import os
 import time
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+
+from mose.moe import update_aux_free_bias
 
 STAT_KEYS = ("balance", "z_loss", "entropy", "skill_loss", "skill_accuracy")
 
@@ -93,6 +100,17 @@ class RoutingStats:
         return out
 
 
+class AuxFreeBiasCallback(TrainerCallback):
+    """Aux-loss-free balancing: one bias update per optimizer step (DeepSeek-V3 Sec. 2.1.2), outside the gradient."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def on_step_end(self, args, state, control, **kwargs):
+        update_aux_free_bias(self.model, float(self.model.config.aux_free_rate))
+        return control
+
+
 class MoSETrainer(Trainer):
     """Trainer for one MoSE stage. Extra arguments: `lm_weight` (weight of the LM loss), `train_sampler` (optional)."""
 
@@ -104,6 +122,8 @@ class MoSETrainer(Trainer):
         self.last_router_log: dict | None = None  # structured per-layer stats of the last log (read by the JSONL logger)
         # the LM loss is a mean per micro-batch; the Trainer divides by gradient accumulation itself
         self.model_accepts_loss_kwargs = False
+        if getattr(self.model.config, "balancing", "aux_loss") == "aux_free":
+            self.add_callback(AuxFreeBiasCallback(self.model))
 
     def _get_train_sampler(self, train_dataset=None):
         if self.train_sampler is not None:
@@ -221,4 +241,4 @@ def flat_router_logs(stats: dict, layers: list[int] | None, prefix: str = "route
     return logs
 
 
-__all__ = ["MoSETrainer", "RoutingStats", "stage_loss_weights", "flat_router_logs", "structured_router_log"]
+__all__ = ["AuxFreeBiasCallback", "MoSETrainer", "RoutingStats", "stage_loss_weights", "flat_router_logs", "structured_router_log"]
