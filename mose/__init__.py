@@ -77,7 +77,13 @@ class _AfterTransformersImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             original(module)
-            _register_auto_classes()
+            try:
+                _register_auto_classes()
+            except Exception as exc:  # a failed registration must never break `import transformers` itself
+                import warnings
+
+                warnings.warn(f"mose: could not register MoSE with transformers' Auto classes ({type(exc).__name__}: {exc}); "
+                              "import mose.modeling to see the error", RuntimeWarning, stacklevel=2)
 
         spec.loader.exec_module = exec_module
         return spec
