@@ -290,16 +290,21 @@ def _epdms(ctx, scenes, trajectories: dict, reasons: dict, out_csv: Path) -> dic
             "scores_csv": _rel(ctx, out_csv)}
 
 
+def training_items(ctx, kind: str):
+    """The training pool's skill-dataset items of one kind, read from the file the skills step wrote
+    (`skills/items.jsonl`, datasets_cfg/skill_dataset.py) instead of building them again."""
+    from datasets_cfg.skill_dataset import items_dataset, read_skill_dataset
+
+    return items_dataset(it for it in read_skill_dataset(ctx.step_dir("skills") / "items.jsonl").items if it["kind"] == kind)
+
+
 def plan_budget(ctx, model_dir: Path, cap, where: str) -> dict:
     """The step-by-step answer's generation budget: the longest hierarchical target of the training pool in the
     checkpoint's tokens plus a margin (mose/answer_grammar.py answer_budget), capped by the config value `where` if set."""
-    from datasets_cfg.schema import ScenePool
-    from datasets_cfg.skill_items import pool_items
     from mose.answer_grammar import answer_budget, longest_target_tokens
     from training.model_setup import load_processor
 
-    items, _ = pool_items(ScenePool.load(ctx.step_dir("skills") / "train"), ctx.taxonomy, kinds=("hierarchical",))
-    longest = longest_target_tokens(items["target"], load_processor(model_dir).tokenizer)
+    longest = longest_target_tokens(training_items(ctx, "hierarchical")["target"], load_processor(model_dir).tokenizer)
     return {"longest_target_tokens": longest, "cap": None if cap is None else int(cap),
             "max_new_tokens": answer_budget(longest, None if cap is None else int(cap), where=where)}
 
@@ -366,8 +371,7 @@ def routing_eval(ctx, model_dir: Path, out: Path) -> dict:
     metrics = evaluate_routing(model, ds, SkillCollator(processor), tax, batch_size=int(ctx.cfg["evaluate"]["batch_size"]))
     # the reference a learned router must beat: the best router that sees only the token's identity, fitted on the
     # training pool's hierarchical items (same tokenizer), scored on the same held-out tokens
-    train_items, _ = pool_items(ScenePool.load(ctx.step_dir("skills") / "train"), tax, kinds=("hierarchical",))
-    train_ds, _ = build_skill_dataset(train_items, processor, tax, max_length=int(ctx.cfg["skills"]["max_length"]))
+    train_ds, _ = build_skill_dataset(training_items(ctx, "hierarchical"), processor, tax, max_length=int(ctx.cfg["skills"]["max_length"]))
     token_router = token_identity_accuracy(labelled_tokens(train_ds), labelled_tokens(ds), tax, model.config.skill_groups,
                                            model.config.num_experts, len(processor.tokenizer))
     png = usage_heatmap(metrics, tax, model.config.skill_groups, out / "routing_heatmap.png",
