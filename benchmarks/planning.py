@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--plan-weight", type=float, default=1.0, help="weight of the planning head's loss (head decoder)")
     ap.add_argument("--decoders", default="text,head")
-    ap.add_argument("--max-new-tokens", type=int, default=448)
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="generation budget cap; default: the longest training target + its margin (mose/answer_grammar.py answer_budget)")
     ap.add_argument("--metric", default="epdms")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -118,7 +119,10 @@ def main(argv=None) -> int:
     processor = llava_processor_for(cfg, tok)
     data, rep = build_skill_dataset(items, processor, tax, max_length=text.max_position_embeddings)
     scenes = list(pool.select_ids(test_ids))
-    result = {"train_scenes": len(train_ids), "held_out_scenes": len(scenes), "train_items": len(data), "steps": args.steps,
+    from mose.answer_grammar import answer_budget, longest_target_tokens
+
+    budget = answer_budget(longest_target_tokens(items["target"], tok), args.max_new_tokens, where="--max-new-tokens")
+    result = {"max_new_tokens": budget, "train_scenes": len(train_ids), "held_out_scenes": len(scenes), "train_items": len(data), "steps": args.steps,
               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "decoders": {}}
 
     def constant_velocity(scene):
@@ -137,7 +141,7 @@ def main(argv=None) -> int:
         model.save_pretrained(ck)
         processor.save_pretrained(ck)
         t2 = time.perf_counter()
-        planner = ModelPlanner(ck, max_new_tokens=args.max_new_tokens, taxonomy=tax).load()
+        planner = ModelPlanner(ck, max_new_tokens=budget, taxonomy=tax).load()
         res = evaluate(planner, scenes, targets, args.metric)
         planner.close()
         res.update(hist, train_seconds=round(t2 - t1, 1), eval_seconds=round(time.perf_counter() - t2, 1))
