@@ -116,6 +116,8 @@ class Generator:
         with torch.inference_mode():
             out = self.model_.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, **extra)
         new = out[:, inputs["input_ids"].shape[1]:]
+        pad = self.processor_.tokenizer.pad_token_id
+        self.last_new_tokens_ = [int((row != pad).sum()) if pad is not None else int(row.numel()) for row in new]  # per answer
         return [t.strip() for t in self.processor_.batch_decode(new, skip_special_tokens=True)]
 
     def run(self, questions: list[dict], out_path: str | os.PathLike, progress: bool = True) -> dict:

@@ -16,7 +16,11 @@ trajectory read back from the answer with the skill-format parser.
   closed loop counts as a planner failure (the ego then brakes). `replan_every` = k: the model is asked every k-th
   call (k * 0.5 s in the closed loop); in between the planner returns the rest of its last plan in the current ego
   frame (the last step repeated at its end), or fails again when the last answer had no plan. Every call is kept in
-  `decisions_`.
+  `decisions_`, with the tokens each answer generated (`new_tokens`).
+- `answer=False` (a "head" checkpoint only; `load` refuses any other): the planner runs only the prompt's forward
+  pass and plans from the planning head, without generating the step-by-step answer (its decisions have no answer).
+  The poses are exactly those of `answer=True` (the head reads the prompt, never the answer); it is the fast path
+  for the planning benchmark and the closed loop, where only the trajectory counts.
 
 Generation goes through eval/coda_generate.Generator (the CODA evaluation's generator), one scene per call,
 constrained by default to the answer grammar (mose/answer_grammar.py: every answer parses, 8 poses, within the
@@ -110,7 +114,7 @@ class ModelPlanner:
     """`planner(scene) -> (8, 3)` poses from a checkpoint's generated step-by-step answer (module doc)."""
 
     def __init__(self, model_path: str | Path, max_new_tokens: int | None = None, image_size: int = 64, replan_every: int = 1,
-                 interval: float = 0.5, *, taxonomy: Taxonomy, constrained: bool = True):
+                 interval: float = 0.5, *, taxonomy: Taxonomy, constrained: bool = True, answer: bool = True):
         if replan_every < 1:
             raise ValueError(f"ModelPlanner: replan_every must be >= 1, got {replan_every}")
         self.model_path = str(model_path)
@@ -120,12 +124,17 @@ class ModelPlanner:
         self.interval = interval
         self.taxonomy = taxonomy
         self.constrained = constrained
+        self.answer = answer
         self.decisions_: list[dict] = []
         self._last = None  # (log name, frame time s, global ego pose, poses or None, reason) of the last model answer
 
     def load(self) -> "ModelPlanner":
         from eval.coda_generate import Generator
 
+        self.decoder_ = checkpoint_decoder(self.model_path)
+        if not self.answer and self.decoder_ != "head":
+            raise ValueError(f"ModelPlanner({self.model_path}): answer=False plans from the planning head without an answer, but the "
+                             f"checkpoint's trajectory_decoder is {self.decoder_!r}; only 'head' checkpoints can plan without answering")
         if self.max_new_tokens is None:
             raise ValueError(f"ModelPlanner({self.model_path}): max_new_tokens is not set; pass the budget from the data "
                              "(mose.answer_grammar.answer_budget of the longest training target)")
@@ -173,12 +182,20 @@ class ModelPlanner:
             image, drawn = str(Path(self._tmp.name) / "frame.png"), True
             draw_topdown(scene, self.image_size).save(image)
         question = hierarchical_prompt(scene.row, self.taxonomy)
-        answer = self.generator_.answer([{"question": question, "image": image}])[0]
-        decoder = getattr(self.generator_.model_.config, "trajectory_decoder", "text")
+        decoder = self.decoder_
         context = {"plan_xy": head_plan(self.generator_, question, image)} if decoder == "head" else None
-        poses, info = answer_to_poses(answer, self.taxonomy, decoder=decoder, context=context)
-        answer = info.pop("answer", answer)
-        self.decisions_.append({"scene": scene.id, "image": "drawn" if drawn else image, "answer": answer, **info, "followed_last_plan": False})
+        if self.answer:
+            answer = self.generator_.answer([{"question": question, "image": image}])[0]
+            new_tokens = self.generator_.last_new_tokens_[0]
+            poses, info = answer_to_poses(answer, self.taxonomy, decoder=decoder, context=context)
+            answer = info.pop("answer", answer)
+        else:  # the head's poses alone; no answer is generated, so there is no format to judge
+            poses, info = answer_to_poses("", self.taxonomy, decoder=decoder, context=context)
+            answer, new_tokens = None, 0
+            info.pop("answer", None)
+            info.update(format_ok=None, errors=[])
+        self.decisions_.append({"scene": scene.id, "image": "drawn" if drawn else image, "answer": answer, **info, "new_tokens": new_tokens,
+                                "followed_last_plan": False})
         meta = scene.meta
         self._last = (meta.get("log_name"), float(meta.get("timestamp_s", 0.0)), scene.ego_pose(), poses, info["reason"])
         if poses is None:

@@ -34,7 +34,7 @@ from .moe import (
     skill_routing_accuracy,
     skill_routing_loss,
 )
-from .trajectory_decoders import PlanningHead, constant_velocity_prior, plan_loss
+from .trajectory_decoders import PlanningHead, constant_velocity_prior, plan_features, plan_loss
 
 # config keys that `upcycle(base_model, **moe_options)` accepts
 MOE_OPTIONS = (
@@ -306,7 +306,7 @@ class MoSEForConditionalGeneration(PreTrainedModel, GenerationMixin):
         idx = torch.as_tensor(plan_index, device=hidden.device).long().reshape(-1)
         if idx.numel() != batch or bool((idx >= seq).any()):
             raise ValueError(f"MoSE forward: plan_index must hold one position < {seq} per row (negative: no plan), got {idx.tolist()}.")
-        h = hidden[torch.arange(batch, device=hidden.device), idx.clamp_min(0)]
+        h = plan_features(hidden, idx, attention_mask, speed)
         residual = self.plan_head(h.to(self.plan_head.fc_in.weight.dtype)).float()
         prior = constant_velocity_prior(torch.nan_to_num(speed, nan=0.0), residual.shape[1]).to(residual.device)
         poses = prior + residual

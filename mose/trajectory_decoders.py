@@ -7,7 +7,8 @@ comes from is chosen in the model config, `MoSEConfig.trajectory_decoder` (recor
   `mose.skill_format.parse_answer`. Headings from the answer when it gives them, else from the direction between
   consecutive poses (`headings_from_xy`).
 - ``"head"``: a small planning head (`PlanningHead`, a 2-layer MLP) on the text decoder's last hidden state (after
-  the final norm) at the **plan token** predicts a residual (dx, dy) per pose to a kinematic prior; the poses are
+  the final norm) at the **plan token**, with the mean hidden state over the prompt and the ego speed
+  (`plan_features`), predicts a residual (dx, dy) per pose to a kinematic prior; the poses are
   prior + residual. The plan token is the **last prompt token** (the end of the assistant header, the position that
   also predicts the answer's first token): it exists in the same forward pass at training time (teacher forcing) and
   at inference (the prompt's prefill), and does not depend on the generated text parsing (a `[trajectory]`-tag
@@ -69,13 +70,38 @@ def constant_velocity_prior(speed, num_poses: int = NUM_POSES, interval: float =
     return torch.stack([v[:, None] * t[None, :], torch.zeros(len(v), num_poses, dtype=v.dtype, device=v.device)], dim=-1)
 
 
+SPEED_SCALE = 10.0  # m/s per unit of the head's speed input (highway speeds 0-40 m/s -> 0-4)
+
+
+def plan_features(hidden: torch.Tensor, index: torch.Tensor, attention_mask: torch.Tensor | None, speed: torch.Tensor) -> torch.Tensor:
+    """(B, 2H + 1) planning-head input: [the hidden state at the plan token, the mean hidden state over the attended
+    prompt positions up to it, speed / SPEED_SCALE (NaN -> 0)].
+
+    Why not the plan token alone: its LM target is always the answer's first token (`<perception>`), so training
+    drives its state towards one constant and it carries little of the scene; the prompt mean keeps what every
+    position saw (route command, lead vehicle, lane). The speed is the prior's own input, so the head can make the
+    correction speed-dependent (a residual that grows with the distance covered)."""
+    batch, seq = hidden.shape[:2]
+    idx = index.clamp_min(0)
+    pos = torch.arange(seq, device=hidden.device)
+    keep = pos[None, :] <= idx[:, None]
+    if attention_mask is not None and attention_mask.dim() == 2:
+        keep = keep & attention_mask[:, -seq:].bool()
+    w = keep.to(hidden.dtype)
+    mean = (hidden * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
+    at = hidden[torch.arange(batch, device=hidden.device), idx]
+    v = torch.nan_to_num(speed.to(hidden.dtype), nan=0.0).reshape(batch, 1) / SPEED_SCALE
+    return torch.cat([at, mean, v], dim=-1)
+
+
 class PlanningHead(nn.Module):
-    """hidden (B, H) -> residual (B, num_poses, 2): Linear(H, H) - SiLU - Linear(H, 2 * num_poses), last layer zero."""
+    """plan features (B, 2H + 1) (`plan_features`) -> residual (B, num_poses, 2): Linear(2H + 1, H) - SiLU -
+    Linear(H, 2 * num_poses), last layer zero."""
 
     def __init__(self, hidden_size: int, num_poses: int = NUM_POSES):
         super().__init__()
         self.num_poses = num_poses
-        self.fc_in = nn.Linear(hidden_size, hidden_size)
+        self.fc_in = nn.Linear(2 * hidden_size + 1, hidden_size)
         self.act = nn.SiLU()
         self.fc_out = nn.Linear(hidden_size, 2 * num_poses)
         self.reset_parameters()
@@ -188,4 +214,4 @@ def make_decoder(name: str, taxonomy, num_poses: int = NUM_POSES):
 
 
 __all__ = ["DECODERS", "PlanningHead", "TextDecoder", "HeadDecoder", "make_decoder", "check_decoder", "constant_velocity_prior",
-           "plan_loss", "write_trajectory", "trajectory_target", "headings_from_xy", "prompt_ego_speed"]
+           "plan_features", "SPEED_SCALE", "plan_loss", "write_trajectory", "trajectory_target", "headings_from_xy", "prompt_ego_speed"]

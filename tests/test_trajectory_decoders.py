@@ -12,7 +12,8 @@ from datasets_cfg.skill_items import pool_items
 from mose.skill_data import IGNORE, SkillCollator, build_skill_dataset
 from mose.skill_format import parse_answer
 from mose.skills import Taxonomy
-from mose.trajectory_decoders import HeadDecoder, PlanningHead, constant_velocity_prior, make_decoder, plan_loss, write_trajectory
+from mose.trajectory_decoders import (SPEED_SCALE, HeadDecoder, PlanningHead, constant_velocity_prior, make_decoder, plan_features, plan_loss,
+                                      write_trajectory)
 from tests.skill_fixtures import driving_row, llava_processor, write_image
 
 TAX = Taxonomy.load()
@@ -38,7 +39,7 @@ def test_constant_velocity_prior_by_hand():
 
 def test_head_shape_and_zero_residual_gives_the_prior():
     head = PlanningHead(16)
-    assert head(torch.randn(3, 16)).shape == (3, 8, 2)
+    assert head(torch.randn(3, 33)).shape == (3, 8, 2)  # [plan token, prompt mean, speed]: 2 * 16 + 1
     model = _tiny_head_model().eval()
     ids = torch.randint(5, 100, (2, 9))
     mask = torch.ones_like(ids)
@@ -48,6 +49,18 @@ def test_head_shape_and_zero_residual_gives_the_prior():
     np.testing.assert_allclose(out.plan_poses[1, :, 0].detach().numpy(), np.arange(1, 9) * 1.0, atol=1e-6)
     np.testing.assert_allclose(out.plan_poses[:, :, 1].detach().numpy(), np.zeros((2, 8)), atol=1e-6)
     assert out.plan_loss is None and out.loss is None
+
+
+def test_plan_features_are_the_plan_token_the_prompt_mean_and_the_scaled_speed():
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])  # row 1 left-padded
+    index = torch.tensor([2, 3])  # row 0: plan token at position 2, position 3 after it is not averaged
+    feats = plan_features(hidden, index, mask, torch.tensor([20.0, float("nan")]))
+    assert feats.shape == (2, 7)
+    # row 0: token 2 = [6, 7, 8]; mean of positions 0..2 = [3, 4, 5]; 20 m/s / SPEED_SCALE
+    np.testing.assert_allclose(feats[0].numpy(), [6, 7, 8, 3, 4, 5, 20.0 / SPEED_SCALE])
+    # row 1: token 3 = [21, 22, 23]; mean of the attended positions 1..3 = [18, 19, 20]; NaN speed -> 0
+    np.testing.assert_allclose(feats[1].numpy(), [21, 22, 23, 18, 19, 20, 0.0])
 
 
 def test_plan_loss_by_hand_and_mask():
@@ -219,3 +232,36 @@ def test_model_planner_with_a_head_checkpoint_plans_the_prior_and_writes_it_into
     answer = planner.decisions_[-1]["answer"]
     np.testing.assert_allclose(parse_answer(answer, TAX).trajectory, poses[:, :2])
     planner.close()
+
+
+def test_model_planner_without_answers_plans_the_same_poses_and_refuses_text_checkpoints(tmp_path):
+    """`answer=False`: the head's poses from the prompt's forward pass alone equal those planned with the answer
+    generated (the head never reads the answer), no answer is recorded, and 0 tokens are generated; a "text"
+    checkpoint cannot plan without an answer."""
+    from datasets_cfg.schema import Scene
+    from eval.vlm_planner import ModelPlanner
+    from mose.presets import build_preset, preset_config
+    from mose.skill_tokenizer import llava_processor_for, train_chat_tokenizer
+
+    cfg = preset_config("tiny", trajectory_decoder="head")
+    tok = train_chat_tokenizer([ANSWER] * 4, cfg.get_text_config(decoder=True).vocab_size, image_token_id=cfg.base_config.image_token_id)
+    ck, text_ck = tmp_path / "ck", tmp_path / "text"
+    model = build_preset("tiny", trajectory_decoder="head")
+    with torch.no_grad():  # a head that plans something other than the prior
+        model.plan_head.fc_out.weight.normal_(std=0.5)
+    model.save_pretrained(ck)
+    llava_processor_for(cfg, tok).save_pretrained(ck)
+    build_preset("tiny").save_pretrained(text_ck)
+    llava_processor_for(cfg, tok).save_pretrained(text_ck)
+    scene = Scene(driving_row("s0", image=write_image(tmp_path / "s0.png", seed=0)), None)
+    with_answer = ModelPlanner(ck, max_new_tokens=4, taxonomy=TAX, constrained=False)
+    without = ModelPlanner(ck, max_new_tokens=4, taxonomy=TAX, constrained=False, answer=False)
+    a, b = with_answer(scene), without(scene)
+    assert not np.allclose(a[:, :2], constant_velocity_prior([8.0])[0].numpy(), atol=0.05)
+    np.testing.assert_array_equal(a, b)
+    assert with_answer.decisions_[-1]["new_tokens"] == 4  # unconstrained greedy fills the 4-token budget (no eos is learned)
+    assert without.decisions_[-1]["answer"] is None and without.decisions_[-1]["new_tokens"] == 0
+    with pytest.raises(ValueError, match="only 'head' checkpoints"):
+        ModelPlanner(text_ck, max_new_tokens=4, taxonomy=TAX, answer=False).load()
+    with_answer.close()
+    without.close()
