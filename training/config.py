@@ -13,6 +13,7 @@ the working directory (like every `mose` command).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import types
 import typing
@@ -91,6 +92,17 @@ class LoraConfig:
 
 
 @dataclass
+class PlanRefitConfig:
+    """After the stage trains, refit the planning head alone, full batch, on the frozen features of the stage's items
+    (mose/plan_head_fit.py says why). Only for a model with `trajectory_decoder: head`; steps 0 turns it off."""
+
+    steps: int = 1000
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    batch_size: int = 8  # items per forward pass while the features are collected
+
+
+@dataclass
 class ItemsConfig:
     """Which skill-dataset items of the stage's scenes it trains on."""
 
@@ -107,6 +119,7 @@ class StageConfig:
     items: ItemsConfig = field(default_factory=ItemsConfig)
     losses: LossConfig = field(default_factory=LossConfig)
     lora: LoraConfig | None = None
+    plan_refit: PlanRefitConfig | None = None
     sampler: str = "shuffle"
     lr: float = 2e-5
     epochs: float = 1.0
@@ -189,6 +202,13 @@ def from_dict(raw: Any, source: str = "<dict>") -> TrainConfig:
         cfg.stages[name] = stage
     _validate(cfg, GROUPS)
     return cfg
+
+
+def _zero_stage(path: str) -> int | None:
+    try:
+        return json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _merge(defaults: dict, given: Any, source: str, where: str) -> dict:
@@ -331,7 +351,15 @@ def _validate(cfg: TrainConfig, groups: tuple[str, ...]) -> None:
             if st.lora.r < 1 or not st.lora.alpha > 0 or not 0 <= st.lora.dropout < 1 or not st.lora.targets:
                 raise cfg.err(f"{k}.lora", "r >= 1, alpha > 0, 0 <= dropout < 1 and a non-empty targets list",
                               dataclasses.asdict(st.lora))
+        if st.plan_refit is not None:
+            pr = st.plan_refit
+            if pr.steps < 0 or not pr.lr > 0 or pr.weight_decay < 0 or pr.batch_size < 1:
+                raise cfg.err(f"{k}.plan_refit", "steps >= 0, lr > 0, weight_decay >= 0 and batch_size >= 1",
+                              dataclasses.asdict(pr))
+            if pr.steps and cfg.run.deepspeed and _zero_stage(cfg.run.deepspeed) == 3:
+                raise cfg.err(f"{k}.plan_refit", "no refit under ZeRO-3 (the features are collected with the whole model on "
+                              "each process); set steps: 0, or use ZeRO-2 or no DeepSpeed for this stage", cfg.run.deepspeed)
 
 
-__all__ = ["ConfigError", "TrainConfig", "StageConfig", "LossConfig", "LoraConfig", "ItemsConfig", "load_config", "from_dict",
+__all__ = ["ConfigError", "TrainConfig", "StageConfig", "LossConfig", "LoraConfig", "PlanRefitConfig", "ItemsConfig", "load_config", "from_dict",
            "STAGE_ORDER"]

@@ -149,19 +149,36 @@ def run_stage(cfg: TrainConfig, stage: str, model, processor, data, taxonomy: Ta
     try:
         with stage_loss_weights(model, st.losses):
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            refit = refit_plan_head(model, st, data.dataset, processor, stage) if head else None
             logs = [h for h in trainer.state.log_history if "loss" in h]
             summary = {
                 "stage": stage, "steps": trainer.state.global_step, "train_loss": result.training_loss,
                 "last_loss": logs[-1]["loss"] if logs else None, "resumed_from": str(resume) if resume else None,
                 "precision": precision, "deepspeed": cfg.run.deepspeed, "world_size": trainer.args.world_size, "trainable": table.rows, "trainable_groups": groups, "recipe": recipe,
                 "lora": None if st.lora is None else vars(st.lora), "losses": vars(st.losses), "manifest": str(data.manifest),
-                "scenes": len(data.scene_ids), "items": len(data), "data_report": data.report,
+                "scenes": len(data.scene_ids), "items": len(data), "data_report": data.report, "plan_refit": refit,
             }
             save_final(trainer, processor, stage_dir / "final", summary, lora=st.lora)
     finally:
         _release(trainer)
     log(f"[{stage}] done: {summary['steps']} steps, last logged loss {summary['last_loss']}; final model -> {stage_dir / 'final'}")
     return summary
+
+
+def refit_plan_head(model, st, dataset, processor, stage: str) -> dict | None:
+    """The stage's `plan_refit` (mose/plan_head_fit.py): the planning head alone, full batch, on frozen features of
+    the stage's items. None when the stage has none (or 0 steps) or its plan loss is off."""
+    from mose.plan_head_fit import fit_plan_head, plan_inputs
+    from mose.skill_data import SkillCollator
+
+    pr = st.plan_refit
+    if pr is None or pr.steps == 0 or st.losses.plan <= 0:
+        return None
+    features, prior, targets = plan_inputs(model, dataset, SkillCollator(processor, plan=True), batch_size=pr.batch_size)
+    stats = fit_plan_head(model.plan_head, features, prior, targets, steps=pr.steps, lr=pr.lr, weight_decay=pr.weight_decay)
+    log(f"[{stage}] planning head refit on {stats['items']} items, {pr.steps} full-batch steps: "
+        f"loss {stats['loss_before']:.4f} -> {stats['loss_after']:.4f}")
+    return stats
 
 
 def preflight(cfg: TrainConfig, names: list[str], model) -> None:
