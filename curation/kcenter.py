@@ -178,3 +178,23 @@ def _greedy_cells(X, k, initial, first, rng, cell_centres, neighbours, progress)
     # stored distances count only some centres, so the true radius is never larger
     radius = math.sqrt(max(0.0, float(cur.max()))) if C and np.isfinite(cur.max()) else 0.0
     return order, gain, radius, C
+
+
+def distributed_kcenter(X: np.ndarray, k: int, n_shards: int, *, random_state: int = 0) -> np.ndarray:
+    """Two-round k-center (Malkomes et al., NeurIPS 2015, "Fast Distributed k-Center Clustering with Outliers on
+    Massive Data", Alg. GREEDY-MR): exact greedy k-center on each of `n_shards` fixed contiguous shards, then
+    greedy over the union of the shard centres. Guarantee: radius <= 4 x optimum. Returns k indices into X.
+    Shards are fixed slices, so the result does not depend on how shards are scheduled."""
+    X = np.ascontiguousarray(X)
+    n = len(X)
+    if not 0 < k <= n or n_shards < 1:
+        raise ValueError(f"distributed_kcenter: need 0 < k <= {n} and n_shards >= 1, got k={k}, n_shards={n_shards}")
+    bounds = np.linspace(0, n, n_shards + 1).astype(np.int64)
+    union = []
+    for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if b > a:
+            r = kcenter_greedy(X[a:b], min(k, int(b - a)), method="exact", random_state=random_state + s)
+            union.append(a + r["order"])
+    union = np.concatenate(union)
+    r = kcenter_greedy(X[union], k, method="exact", random_state=random_state)
+    return union[r["order"]]
