@@ -34,9 +34,11 @@ def plan_inputs(model, dataset, collate, batch_size: int = 8) -> tuple[torch.Ten
     hook = model.vlm.get_decoder().register_forward_hook(
         lambda _m, _a, out: captured.__setitem__("h", out[0] if isinstance(out, tuple) else out.last_hidden_state))
     device = next(model.parameters()).device
+    # only step-by-step items carry a plan target: the QA items need no forward pass
+    order = [i for i in range(len(dataset)) if dataset[i].get("kind", "hierarchical") == "hierarchical"]
     try:
-        for start in range(0, len(dataset), batch_size):
-            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        for start in range(0, len(order), batch_size):
+            batch = collate([dataset[i] for i in order[start:start + batch_size]])
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
             # only what the features need: no labels (no LM or skill loss to compute), no targets (no plan loss)
             model(**{k: v for k, v in batch.items() if k not in ("labels", "skill_labels", "plan_targets")})

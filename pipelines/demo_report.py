@@ -469,6 +469,17 @@ def build_report(run_dir: str | Path, out_dir: str | Path) -> dict:
     md.append("Source: `evaluate/coda/<model>/scores.json` (`mose eval coda` on the held-out pool).\n\n")
 
     md.append("### Planned trajectories: EPDMS\n\n")
+    decoders = []
+    for m, summ in (("mose", tr), ("dense", dn)):
+        dec = _get(ev, "models", m, "planning", "decoder")
+        refits = [f"{st} ({r['items']} items, {r['steps']} full-batch steps, loss {fmt(r['loss_before'])} -> {fmt(r['loss_after'])})"
+                  for st, v in (_get(summ, "stages") or {}).items() if isinstance(r := (v or {}).get("plan_refit"), dict) and "steps" in r]
+        if dec:
+            decoders.append(f"{MODEL_NAMES[m]}: `{dec}`" + (f", planning head refit after {'; '.join(refits)}" if refits else ""))
+    if decoders:
+        md.append("Trajectory decoder (mose/trajectory_decoders.py; `head`: a regression head on the prompt's hidden states, residual to "
+                  "a constant-velocity prior, its poses written into the answer; `text`: decimals in the answer): "
+                  + "; ".join(decoders) + ".\n\n")
     rows = []
     for m in ("mose", "dense"):
         p = _get(ev, "models", m, "planning") or {}

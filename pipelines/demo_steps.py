@@ -165,6 +165,7 @@ def _train_config(ctx, output_dir: Path, extra: dict | None = None):
           "run.deepspeed": None if ds in (None, "none") else str(Path(str(files("training"))) / "deepspeed" / f"{ds}.json"),
           "data.pool": str(ctx.step_dir("skills") / "train"), "data.manifests": str(ctx.step_dir("curate")),
           "data.max_length": int(ctx.cfg["skills"]["max_length"]), "model.processor": str(ctx.step_dir("skills") / "processor")}
+    ov["model.preset_args"] = {"trajectory_decoder": str(t.get("trajectory_decoder", "text"))}
     for stage, keys in (t.get("stages") or {}).items():
         for k, v in keys.items():
             ov[f"stages.{stage}.{k}"] = v
@@ -183,7 +184,7 @@ def _train_summary(ctx, result: dict) -> dict:
         log = [json.loads(line) for line in (ctx.dir / name / "log.jsonl").read_text().splitlines() if line.strip()]
         stages[name] = {"steps": s["steps"], "train_loss": s["train_loss"], "last_loss": s["last_loss"], "scenes": s["scenes"], "items": s["items"],
                         "trainable_groups": s["trainable_groups"], "trainable_params": sum(r[1] for r in s["trainable"].values()),
-                        "recipe": s.get("recipe"),
+                        "recipe": s.get("recipe"), "plan_refit": s.get("plan_refit"),
                         "losses": s["losses"], "lora": s["lora"], "deepspeed": Path(s["deepspeed"]).name if s["deepspeed"] else None,
                         "loss_curve": [[r["step"], r["loss"]] for r in log if "loss" in r]}
     return {"final": _rel(ctx, final), "parameters": counts, "stages": stages}
@@ -196,10 +197,12 @@ def train(ctx) -> dict:
     return _train_summary(ctx, result) | {"model": "MoSE tiny preset (random init): 4 experts, top-2, every other layer"}
 
 
-def dense_init(processor_dir: Path, out: Path, seed: int, tax) -> Path:
-    """The tiny preset's backbone with ONE expert per MoE layer: top-1 of 1 with weight 1 is exactly a dense SwiGLU FFN.
-    The vocabulary and image token follow the run's tokenizer (as training/model_setup.py does for the preset). Every
-    skill maps to that one expert (the trainer passes skill labels; with one expert they route nowhere else)."""
+def dense_init(processor_dir: Path, out: Path, seed: int, tax, trajectory_decoder: str = "text") -> Path:
+    """The tiny preset's backbone with ONE expert per MoE layer, top_k x the experts' FFN width (and MoSE's shared
+    expert, if any): the same activated parameters and FLOPs per token as MoSE, nothing to route; top-1 of 1 with
+    weight 1 is exactly a dense SwiGLU FFN. The vocabulary and image token follow the run's tokenizer (as
+    training/model_setup.py does for the preset). Every skill maps to that one expert (the trainer passes skill
+    labels; with one expert they route nowhere else). `trajectory_decoder` as MoSE's."""
     import torch
 
     from mose.config import MoSEConfig
@@ -214,8 +217,10 @@ def dense_init(processor_dir: Path, out: Path, seed: int, tax) -> Path:
     base.image_token_index = tok.convert_tokens_to_ids(processor.image_token)
     base.text_config.pad_token_id, base.text_config.bos_token_id, base.text_config.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
     torch.manual_seed(seed)
+    mose = MoSEConfig(base_config=base, **PRESETS["tiny"].moe_options)
     model = MoSEForConditionalGeneration(MoSEConfig(
-        base_config=base, num_experts=1, top_k=1, moe_layers=PRESETS["tiny"].moe_options["moe_layers"],
+        base_config=base, num_experts=1, top_k=1, moe_layers=mose.moe_layers, shared_expert=mose.shared_expert,
+        expert_intermediate_size=mose.num_experts_per_tok * mose.expert_ffn_size, trajectory_decoder=trajectory_decoder,
         skill_groups={n: [0] for n in tax.names}, skill_parents={n: tax.root_of(n) for n in tax.names if tax.parent(n) is not None}))
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -225,7 +230,8 @@ def dense_init(processor_dir: Path, out: Path, seed: int, tax) -> Path:
 def train_dense(ctx) -> dict:
     from training.runner import run_training
 
-    init = dense_init(ctx.step_dir("skills") / "processor", ctx.dir / "init", int(ctx.cfg["seed"]), ctx.taxonomy)
+    init = dense_init(ctx.step_dir("skills") / "processor", ctx.dir / "init", int(ctx.cfg["seed"]), ctx.taxonomy,
+                      str(ctx.cfg["train"].get("trajectory_decoder", "text")))
     # the dense init is a random-init checkpoint (model.path), which "auto" would take for pretrained: it gets the
     # recipe the MoSE run resolves for the same random-init backbone, so both train the same parameter groups
     from training.stages import resolve_recipe
@@ -237,7 +243,8 @@ def train_dense(ctx) -> dict:
     extra["stages.router_pretrain.trainable"] = list(ctx.cfg["dense"]["router_pretrain_trainable"])
     result = run_training(_train_config(ctx, ctx.dir, extra), progress=ctx.progress)
     return _train_summary(ctx, result) | {
-        "model": "dense baseline: the tiny backbone with one expert per MoE layer (= a dense FFN), same data, stages and steps",
+        "model": "dense baseline: the tiny backbone with one expert per MoE layer (a dense FFN of MoSE's activated width), "
+                 "same data, stages and steps",
         "router_pretrain_trainable": extra["stages.router_pretrain.trainable"]}
 
 
@@ -348,6 +355,7 @@ def plan_eval(ctx, model_dir: Path, scenes, out: Path) -> dict:
                      "trajectory_complete": len(trajectories), "mean_trajectory_points": sum(p["trajectory_points"] for p in parsed) / max(len(parsed), 1)}
     res["answers"] = _rel(ctx, out / "answers.jsonl")
     res["budget"] = budget
+    res["decoder"] = decoder
     return res
 
 

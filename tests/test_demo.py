@@ -226,9 +226,25 @@ def test_held_out_logs_are_disjoint_and_dense_is_dense(demo):
     dense = MoSEConfig.from_pretrained(str(out / "train_dense" / "skill_tune" / "final"))
     mose = MoSEConfig.from_pretrained(str(out / "train" / "skill_tune" / "final"))
     assert (dense.num_experts, dense.num_experts_per_tok) == (1, 1) and mose.num_experts == 4
+    # the dense FFN has MoSE's activated width (top_k experts): activated parameters equal up to MoSE's routers
+    from mose.modeling import MoSEForConditionalGeneration
+    from mose.presets import count_parameters
+
+    routers = {m: sum(p.numel() for n, p in MoSEForConditionalGeneration.from_pretrained(str(out / m / "skill_tune" / "final")).named_parameters()
+                      if ".router." in n) for m in ("train", "train_dense")}  # the dense model's 1-expert router is a constant
+    assert routers["train"] > routers["train_dense"] > 0
+    assert (count_parameters(mose, method="meta")["activated"] - count_parameters(dense, method="meta")["activated"]
+            == routers["train"] - routers["train_dense"])
+    assert dense.trajectory_decoder == mose.trajectory_decoder == "head"  # pipelines/demo.yaml train.trajectory_decoder
     # same data: both trained on the same manifests (scenes per stage)
     a, b = (json.loads((out / s / "summary.json").read_text())["stages"] for s in ("train", "train_dense"))
     assert {k: (v["scenes"], v["items"], v["steps"]) for k, v in a.items()} == {k: (v["scenes"], v["items"], v["steps"]) for k, v in b.items()}
+    for summ in (a, b):  # the test scale refits the head after skill_tune only (20 steps)
+        assert summ["skill_tune"]["plan_refit"]["steps"] == 20 and summ["skill_tune"]["plan_refit"]["items"] > 0
+        assert summ["align"]["plan_refit"] is None
+    ev = json.loads((out / "evaluate" / "results.json").read_text())
+    assert {ev["models"][m]["planning"]["decoder"] for m in ("mose", "dense")} == {"head"}
+    assert "Trajectory decoder" in (out / "report" / "report.md").read_text()
 
 
 # ----------------------------------------------------------------------------------------------

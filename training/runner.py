@@ -174,7 +174,11 @@ def refit_plan_head(model, st, dataset, processor, stage: str) -> dict | None:
     pr = st.plan_refit
     if pr is None or pr.steps == 0 or st.losses.plan <= 0:
         return None
-    features, prior, targets = plan_inputs(model, dataset, SkillCollator(processor, plan=True), batch_size=pr.batch_size)
+    try:
+        features, prior, targets = plan_inputs(model, dataset, SkillCollator(processor, plan=True), batch_size=pr.batch_size)
+    except ValueError as exc:  # e.g. a QA-only stage: nothing to refit on; the trained stage is kept either way
+        log(f"[{stage}] WARNING: stages.{stage}.plan_refit skipped: {exc}")
+        return {"skipped": str(exc)}
     stats = fit_plan_head(model.plan_head, features, prior, targets, steps=pr.steps, lr=pr.lr, weight_decay=pr.weight_decay)
     log(f"[{stage}] planning head refit on {stats['items']} items, {pr.steps} full-batch steps: "
         f"loss {stats['loss_before']:.4f} -> {stats['loss_after']:.4f}")
