@@ -86,15 +86,19 @@ def score_scenes(
     reference_cache: ReferenceCache | None = None,
     progress: bool | None = None,
     workers: int = 1,
+    keep_states: bool = False,
 ) -> list[dict]:
     """One row per scene, in the order of `scenes` (see the module docstring for the row fields).
 
-    `workers` > 1 scores in that many processes, each taking whole logs (so EC pairs stay together)."""
+    `workers` > 1 scores in that many processes, each taking whole logs (so EC pairs stay together).
+    `keep_states`: valid rows keep the agent's simulated states, (41, 11), under "ego_simulated_states" (the
+    two-stage aggregation pairs them for EC across scenes)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if workers > 1 and len(scenes) > 1:
         return _score_parallel(scenes, trajectories, workers, reference_cache, dict(
-            metric=metric, tracking=tracking, human_filter=human_filter, num_poses=num_poses, interval=interval, protocol=protocol))
+            metric=metric, tracking=tracking, human_filter=human_filter, num_poses=num_poses, interval=interval, protocol=protocol,
+            keep_states=keep_states))
     version = "v2" if metric == "epdms" else "v1"
     sp = protocol.scorer
     steps = int(round(sp.horizon_s / sp.dt))
@@ -131,7 +135,9 @@ def score_scenes(
     for row in rows:
         if row["valid"]:
             row["score"] = aggregate.score_row(row, version)
-        row.pop("_states", None)
+        states = row.pop("_states", None)
+        if keep_states and states is not None:
+            row["ego_simulated_states"] = states
         row.pop("_time", None)
         row.pop("_log", None)
         row.pop("_original", None)
