@@ -2,12 +2,18 @@
 
     mose eval navsim --pool DIR --predictions FILE --out scores.csv [--metric pdms|epdms] [--no-tracking]
     mose eval navsim --pool DIR --agent constant_velocity|human|pdm_closed --out scores.csv
+    mose eval navsim --pool DIR [--stage-two-pool DIR] --two-stage navhard_two_stage.yaml --predictions FILE --out scores.csv
 
 Prints a JSON summary (mean score with invalid rows as 0, the official mean that skips them, valid / invalid
 counts with reasons) and writes the per-scene CSV with the
 official v2 columns and an average row. Tokens in the predictions that are not in the pool become invalid rows
 ("token not in the pool", listed but not averaged); pool scenes without a prediction are invalid rows that
 count as 0 in the mean.
+
+With --two-stage (EPDMS only) the pool's stage-1 scenes and the stage-2 synthetic scenes (in the pool or in
+--stage-two-pool) are scored as the devkit's two-stage run: the mapping file's pairs, pseudo-closed-loop weights
+and the three extended_pdm_score_* summary rows, written in the official two-stage CSV columns
+(eval.navsim.two_stage).
 """
 from __future__ import annotations
 
@@ -35,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", type=float, default=None, help="seconds between poses (default: from the file, else 0.5)")
     parser.add_argument("--save-predictions", help="with --agent: also write the agent's trajectories to this .json/.csv")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--two-stage", metavar="MAPPING", help="two-stage (navhard) EPDMS with this mapping: the devkit's train_test_split "
+                        ".yaml (reactive_all_mapping) or the same list in .json")
+    parser.add_argument("--stage-two-pool", metavar="DIR", help="with --two-stage: a ScenePool holding the stage-2 synthetic scenes")
 
 
 def run(args) -> int:
@@ -49,6 +58,27 @@ def run(args) -> int:
         print(f"mose eval navsim: error: {exc}", file=sys.stderr)
         return 2
     scenes = list(pool)
+    if args.stage_two_pool and not args.two_stage:
+        print("mose eval navsim: error: --stage-two-pool needs --two-stage MAPPING", file=sys.stderr)
+        return 2
+    entries = None
+    if args.two_stage:
+        from eval.navsim.two_stage import read_mapping
+
+        if args.metric != "epdms":
+            print("mose eval navsim: error: --two-stage scores EPDMS (NAVSIM v2) only; drop --metric pdms", file=sys.stderr)
+            return 2
+        try:
+            entries = read_mapping(args.two_stage)  # before any scoring: a bad mapping fails fast
+            if args.stage_two_pool:
+                extra = list(ScenePool.load(args.stage_two_pool))
+                both = sorted({s.id for s in scenes} & {s.id for s in extra})
+                if both:
+                    raise MoseError(f"{args.stage_two_pool}: {len(both)} scene id(s) are also in --pool {args.pool}, e.g. {both[:3]}")
+                scenes += extra
+        except (MoseError, OSError, ValueError) as exc:
+            print(f"mose eval navsim: error: {exc}", file=sys.stderr)
+            return 2
     interval = args.interval
     if args.predictions:
         try:
@@ -70,6 +100,8 @@ def run(args) -> int:
         print("mose eval navsim: error: --num-poses must be >= 1 and --interval > 0", file=sys.stderr)
         return 2
 
+    if entries is not None:
+        return _run_two_stage(args, entries, scenes, trajectories, interval)
     rows = score_scenes(scenes, trajectories, metric=args.metric, tracking=not args.no_tracking, human_filter=not args.no_human_filter,
                         num_poses=args.num_poses, interval=interval, progress=None if not args.no_progress else False)
     known = set(pool.ids)
@@ -85,6 +117,41 @@ def run(args) -> int:
         "score_official": None if math.isnan(avg["score_valid_only"]) else round(avg["score_valid_only"], 6),
         "score_note": "score: invalid rows count as 0 (ours); score_official: invalid rows skipped, as the devkit's NaN mean",
         "invalid_in_pool": avg["invalid_rows"], "out": str(Path(args.out)),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _run_two_stage(args, entries, scenes, trajectories, interval) -> int:
+    from eval.navsim.two_stage import TwoStageError, score_two_stage, write_two_stage_csv
+
+    try:
+        result = score_two_stage(scenes, trajectories, entries, tracking=not args.no_tracking, human_filter=not args.no_human_filter,
+                                 num_poses=args.num_poses, interval=interval, progress=None if not args.no_progress else False)
+    except TwoStageError as exc:
+        print(f"mose eval navsim: error: {exc}", file=sys.stderr)
+        return 2
+    write_two_stage_csv(args.out, result)
+    rows = result.rows
+    scored = {r["token"] for r in rows}
+    by = {r["token"]: r for r in result.summary}
+
+    def num(v):
+        return None if v is None or math.isnan(v) else round(v, 6)
+
+    summary = {
+        "metric": "epdms", "two_stage": str(args.two_stage), "tracking": "lqr" if not args.no_tracking else "as_given",
+        "entries": len(result.entries), "scenes": len(rows), "unmapped_scenes": result.unmapped_scenes,
+        "valid": sum(r["valid"] for r in rows), "invalid": sum(not r["valid"] for r in rows),
+        "invalid_reasons": dict(Counter(r["reason"].split(":")[0] for r in rows if not r["valid"])),
+        "predictions_not_scored": sum(t not in scored for t in trajectories),
+        "score": num(by["extended_pdm_score_combined"]["score"]),
+        "score_official": num(by["extended_pdm_score_combined"]["score_valid_only"]),
+        "score_stage_one": num(by["extended_pdm_score_stage_one"]["score"]),
+        "score_stage_two": num(by["extended_pdm_score_stage_two"]["score"]),
+        "score_note": "extended_pdm_score_combined; score: invalid rows count as 0 (ours); score_official: groups with an invalid row "
+                      "skipped (the devkit's NaN)",
+        "out": str(Path(args.out)),
     }
     print(json.dumps(summary, indent=2))
     return 0
