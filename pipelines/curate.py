@@ -136,7 +136,13 @@ def run(args) -> int:
     except (MoseError, OSError, KeyError, ValueError) as exc:  # ours, file problems, and plain bad values from a library
         print(f"mose curate: error: {exc}", file=sys.stderr)
         return 2
-    fb = f", {len(selection.fallbacks)} fallback(s) recorded" if selection.fallbacks else ""
+    fb = ""
+    if selection.fallbacks:
+        from curation.selection import manifest_paths
+
+        kinds = sorted({str(f.get("what")) for f in selection.fallbacks})
+        fb = (f", {len(selection.fallbacks)} fallback(s) recorded ({', '.join(kinds)}; read them under 'fallbacks' in "
+              f"{manifest_paths(rows_path)[1]})")
     print(f"mose curate: {args.method} selected {len(selection)} of {len(pool)} scenes -> {rows_path}{fb}")
     line = warned.summary("mose curate") if warned is not None else None
     if line:

@@ -78,6 +78,8 @@ def test_mosaic_and_sead_run_through_the_pilot(pool, tmp_path):
     pts = sel.state["pilot"]["points"]
     assert set(pts) == {"city", "hill", "town"} and all(p["n"] == [4, 16] for p in pts.values())
     assert sel.state["importance"]["source"] == "pilot model fitted on the base set"
+    for name, x in sel.state["allocation"].items():  # every domain's largest pilot run had 16 scenes
+        assert sel.state["allocation_over_largest_pilot"][name] == pytest.approx(x / 16, abs=1e-3)
     s = SEAD(n_rounds=2, progress=False).select(pool, 12, pilot=pilot, exclude=pilot.eval_ids)
     assert len(s) == 12 and s.state["rounds"][1]["pilot_metrics_before"]["n_train"] == 6
     assert 0.0 <= s.state["final_pilot_metrics"]["score"] <= 1.0
