@@ -206,6 +206,14 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", action="store_true", help="also print the README table on stderr")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    out, sys.stdout = sys.stdout, sys.stderr  # libraries' log lines (e.g. DeepSpeed's accelerator notice) stay off the JSON
+    try:
+        return _run(args, out)
+    finally:
+        sys.stdout = out
+
+
+def _run(args, out) -> int:
 
     from benchmarks.router_pretrain import load_or_simulate, split_by_log
     from datasets_cfg.skill_items import pool_items
@@ -284,7 +292,7 @@ def main(argv=None) -> int:
                 print(f"[planning] {json.dumps(run)}", file=sys.stderr, flush=True)
             result["summary"][f"{model_name} / {decoder}"] = summarise(runs, args.metric)
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    print(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1), file=out, flush=True)
     if args.markdown:
         print(markdown(result, args.metric), file=sys.stderr)
     return 0

@@ -291,6 +291,16 @@ def planner_inputs(scene: Scene, history: int = 4, interval: float = 0.5, k_agen
     return np.concatenate([hist.ravel(), dyn, cmd, agents.ravel(), route_points_ahead(scene, ahead).ravel()])
 
 
+def planner_input_layout(history: int = 4, k_agents: int = 4, num_poses: int = 8) -> dict[str, slice]:
+    """Where each part sits in `planner_inputs`' vector (same arguments)."""
+    parts = (("history", 3 * history), ("dynamics", 4), ("command", 4), ("agents", 4 * k_agents), ("route", 2 * num_poses))
+    out, start = {}, 0
+    for name, n in parts:
+        out[name] = slice(start, start + n)
+        start += n
+    return out
+
+
 def route_points_ahead(scene: Scene, ahead: Sequence[float]) -> np.ndarray:
     """(len(ahead), 2) points `ahead` metres along the route from the ego's projection, in the ego frame."""
     from shapely import Point

@@ -201,6 +201,11 @@ class MOSAIC(Selector):
                       "points": {names[d]: p for d, p in points.items()}},
             "fits": {names[d]: f.to_dict() for d, f in enumerate(fits)},
             "allocation": {names[d]: int(x) for d, x in enumerate(sel["allocation"])},
+            # fit quality: how far each domain's allocation goes beyond its largest pilot run (> 1: extrapolated), and
+            # the domains whose pilots show no saturation (curation/scaling.py "not_saturating" / "at_bound")
+            "allocation_over_largest_pilot": {names[d]: (round(float(x) / f.n_max, 3) if f.n_max == f.n_max and f.n_max > 0 else None)
+                                              for d, (x, f) in enumerate(zip(sel["allocation"], fits))},
+            "extrapolated_fits": [names[d] for d, f in enumerate(fits) if f.status in ("not_saturating", "at_bound")],
             "predicted_gain": gain["predicted_gain"], "predicted_gain_raw": gain["predicted_gain_raw"],
             "predicted_gain_clipped": gain["clipped"], "predicted_gain_note": gain["note"], "predicted_score": gain["predicted_score"],
             "score_bounds": gain["score_bounds"],

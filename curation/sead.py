@@ -61,13 +61,15 @@ class FrameSets:
     map: list[np.ndarray]  # (m_i, d_m) map features
     det_xy: list[np.ndarray]  # (k_i, 2) detected agent positions in the frame's ego frame (m)
     det_conf: list[np.ndarray]  # (k_i,) detection confidences in [0, 1]
+    source: dict | None = None  # where each part came from ({"agents": ..., "map": ..., "detections": ...}); None: the model
 
 
 @runtime_checkable
 class SetFeatureModel(Protocol):
     """Optional: a model that extracts per-frame agent/map features and detections (e.g. from BEV queries)."""
 
-    def set_features(self, ids: Sequence[str]) -> FrameSets: ...
+    def set_features(self, ids: Sequence[str], frames: Sequence[int]) -> FrameSets:
+        """Sets of frame `frames[i]` of scene `ids[i]`, one entry per frame asked for."""
 
 
 def ground_truth_sets(pool, frames: Sequence[tuple[int, int]], categories: Sequence[str] | None = None,
@@ -422,14 +424,25 @@ class SEAD(Selector):
         used_clip[c] = True
         taken_from.setdefault(c, set()).update(part)
 
-    def _sets(self, pool, pilot, frames, cache):
+    def _sets(self, pool, pilot, frames, cache, fallbacks):
         """Reduced agent/map sets and detections for every frame of every clip (from the model if it can)."""
         flat = [f for fr in frames for f in fr]
         if pilot is not None and isinstance(pilot, SetFeatureModel):
             ids = pool.ids
-            fs = pilot.set_features([ids[p] for p, _ in flat])
+            fs = pilot.set_features([ids[p] for p, _ in flat], [t for _, t in flat])
             cache["source"] = f"model ({type(pilot).__name__}.set_features)"
+            parts = {k: v for k, v in (fs.source or {}).items() if not str(v).startswith("model")}
+            if parts:  # a model that supplies only some parts: the others are named, once
+                cache["source"] += "; " + "; ".join(f"{k}: {v}" for k, v in parts.items())
+                if not cache.get("partial_recorded"):
+                    fallbacks.append({"what": "feature_source_partial", "why": f"{type(pilot).__name__}.set_features gives "
+                                      f"{', '.join(parts)} from ground truth", "consequence": "; ".join(f"{k}: {v}" for k, v in parts.items())})
+                    cache["partial_recorded"] = True
         else:
+            if pilot is not None and not cache.get("fallback_recorded"):  # SEAD's FS is meant to use the trained model
+                fallbacks.append({"what": "feature_source", "why": f"the pilot ({type(pilot).__name__}) has no set_features",
+                                  "consequence": "feature shift and key frames on ground-truth sets (agents, lane centrelines)"})
+                cache["fallback_recorded"] = True
             if "gt" not in cache:
                 cache["gt"] = ground_truth_sets(pool, flat, self.agent_categories, self.map_radius, self.map_spacing)
             fs = cache["gt"]
@@ -442,7 +455,7 @@ class SEAD(Selector):
         return [ra.transform(s) for s in fs.agents], [rm.transform(s) for s in fs.map], fs
 
     def _incremental(self, r, pool, pilot, frames, units, names, strata, nb, chosen, rows, used_clip, taken_from, fallbacks, cache) -> dict:
-        agents, maps, fs = self._sets(pool, pilot, frames, cache)
+        agents, maps, fs = self._sets(pool, pilot, frames, cache, fallbacks)
         offsets = np.concatenate([[0], np.cumsum([len(fr) for fr in frames])])
         taken_set = set(chosen)
         open_clip = np.array([any(p not in taken_set for p in u) for u in units], bool)

@@ -174,6 +174,57 @@ class FastPilot:
         out.update({k: float(v) for k, v in avg.items() if k not in ("token", "valid", "reason", "score") and isinstance(v, (int, float))})
         return out
 
+    # curation.sead.SetFeatureModel: per-frame sets as this model sees them --------------------------
+    def set_features(self, ids: Sequence[str], frames: Sequence[int] | None = None):
+        """SEAD's per-frame sets from the trained planner (curation.sead.SetFeatureModel), frame `frames[i]` of
+        scene `ids[i]` (default: its current frame).
+
+        Agents (OURS; the paper takes agent queries from its BEV model, this planner has none): each agent observed
+        in the frame is embedded as its effect on the plan, f(x with the agent as the nearest agent) - f(x with no
+        agent), a (num_poses * 3)-vector of pose residuals, where f is the fitted planner and x the scene's planner
+        inputs (`planner_inputs`) at its current frame with every agent slot empty. An agent the planner ignores maps to
+        0, so two frames differ in these features only as far as the model reacts to their agents, and a retrained
+        model changes them. The planner has no map encoder: map sets and detections (positions, confidence 1) are
+        ground truth, as `FrameSets.source` records."""
+        from curation.features import agent_set, map_set
+        from curation.sead import FrameSets
+
+        if self.estimator_ is None:
+            raise RuntimeError("FastPilot.set_features: call fit (or fit_and_score) first")
+        frames = [None] * len(ids) if frames is None else list(frames)
+        if len(frames) != len(ids):
+            raise ValueError(f"FastPilot.set_features: {len(ids)} ids but {len(frames)} frames")
+        k = self._agent_slots()
+        rows, spans, agents_xy, maps = [], [], [], []
+        for sid, t in zip(ids, frames):
+            scene = self._scene(sid)
+            t = scene.current_index if t is None else int(t)
+            base = self._xy(sid)[0].copy()
+            base[k] = np.tile([100.0, 0.0, 0.0, 0.0], len(k) // 4)  # every agent slot padded (planner_inputs' "no agent")
+            a = agent_set(scene, t)
+            rows.append(base)
+            for agent in a:
+                x = base.copy()
+                x[k[:4]] = agent[:4]
+                rows.append(x)
+            spans.append(len(a))
+            agents_xy.append(a[:, :2])
+            maps.append(map_set(scene, t))
+        out = self.estimator_.predict(np.stack(rows))
+        emb, i = [], 0
+        for n in spans:
+            emb.append(out[i + 1:i + 1 + n] - out[i])
+            i += 1 + n
+        return FrameSets(emb, maps, agents_xy, [np.ones(len(xy)) for xy in agents_xy],
+                         source={"agents": "model (FastPilot: each agent's effect on the planned residual)",
+                                 "map": "ground truth (lane centrelines; the planner has no map encoder)",
+                                 "detections": "ground truth (agent positions, confidence 1)"})
+
+    def _agent_slots(self) -> np.ndarray:
+        from curation.features import planner_input_layout
+
+        return np.arange(len(self._xy(self.eval_ids[0])[0]))[planner_input_layout()["agents"]]
+
     def score_samples(self, ids: Sequence[str]) -> np.ndarray:
         """Per-scene EPDMS of the current model on `ids` (MOSAIC's importance I(x)); invalid scenes score 0."""
         return np.array([float(r["score"]) for r in self.score_rows(list(ids))])

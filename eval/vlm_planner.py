@@ -135,10 +135,11 @@ class ModelPlanner:
         if not self.answer and self.decoder_ != "head":
             raise ValueError(f"ModelPlanner({self.model_path}): answer=False plans from the planning head without an answer, but the "
                              f"checkpoint's trajectory_decoder is {self.decoder_!r}; only 'head' checkpoints can plan without answering")
-        if self.max_new_tokens is None:
+        if self.max_new_tokens is None and self.answer:
             raise ValueError(f"ModelPlanner({self.model_path}): max_new_tokens is not set; pass the budget from the data "
                              "(mose.answer_grammar.answer_budget of the longest training target)")
-        self.generator_ = Generator(self.model_path, batch_size=1, max_new_tokens=int(self.max_new_tokens), constrained=self.constrained,
+        budget = int(self.max_new_tokens) if self.max_new_tokens is not None else 1  # answer=False generates nothing
+        self.generator_ = Generator(self.model_path, batch_size=1, max_new_tokens=budget, constrained=self.constrained and self.answer,
                                     taxonomy=self.taxonomy).load()
         self._tmp = tempfile.TemporaryDirectory(prefix="mose-planner-")
         return self

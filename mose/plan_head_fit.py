@@ -58,22 +58,29 @@ def plan_inputs(model, dataset, collate, batch_size: int = 8) -> tuple[torch.Ten
 
 def fit_plan_head(head, features: torch.Tensor, prior: torch.Tensor, targets: torch.Tensor, *, steps: int = 1000, lr: float = 3e-3,
                   weight_decay: float = 0.01) -> dict:
-    """Train `head` (a PlanningHead) alone, full batch, on frozen features; returns the loss before and after."""
+    """Train `head` (a PlanningHead) alone, full batch, on frozen features; returns the loss before and after.
+
+    The steps train detached copies of the head's weights (torch.func.functional_call), written back at the end: a
+    training engine may still hold gradient hooks on the head's own parameters (DeepSpeed ZeRO's reduce hooks), and
+    those must not fire for a fit the engine knows nothing of."""
     if steps < 0 or not lr > 0 or not weight_decay >= 0:
         raise ValueError(f"fit_plan_head: steps >= 0, lr > 0 and weight_decay >= 0 expected, got {steps}, {lr}, {weight_decay}")
+    from torch.func import functional_call
+
     dtype = head.fc_in.weight.dtype
     device = head.fc_in.weight.device
     x, p, y = features.to(device, dtype), prior.to(device), targets.to(device)
     mask = torch.ones(len(x), dtype=torch.bool, device=device)
+    weights = {n: w.detach().clone().requires_grad_(True) for n, w in head.named_parameters()}
 
     def loss_now():
-        return plan_loss(head(x).float(), p, y, mask)
+        return plan_loss(functional_call(head, weights, (x,)).float(), p, y, mask)
 
     was_training = head.training
     head.train()
     with torch.no_grad():
         before = float(loss_now())
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(list(weights.values()), lr=lr, weight_decay=weight_decay)
     with torch.enable_grad():
         for _ in range(steps):
             loss = loss_now()
@@ -82,6 +89,8 @@ def fit_plan_head(head, features: torch.Tensor, prior: torch.Tensor, targets: to
             opt.zero_grad(set_to_none=True)
     with torch.no_grad():
         after = float(loss_now())
+        for n, w in head.named_parameters():
+            w.copy_(weights[n])
     head.train(was_training)
     return {"items": len(x), "steps": steps, "lr": lr, "weight_decay": weight_decay, "loss_before": round(before, 5), "loss_after": round(after, 5)}
 

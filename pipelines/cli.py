@@ -24,6 +24,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("presets",): ("mose.presets", "list model presets with total and activated parameter counts"),
     ("curate",): ("pipelines.curate", "select scenes for training (random, coreset, uncertainty, mosaic, sead, plan)"),
     ("train",): ("training.cli", "run the training stages (align, router pretraining, skill tuning)"),
+    ("plan",): ("eval.plan_cli", "plan every scene of a pool with a checkpoint and write NAVSIM predictions"),
     ("eval", "navsim"): ("eval.navsim.cli", "score trajectories with the standalone NAVSIM PDMS/EPDMS scorer"),
     ("eval", "coda"): ("eval.coda_lm", "CODA-LM corner-case reasoning: generate, judge, score"),
 }

@@ -1,7 +1,7 @@
 """`mose curate`: select scenes from a ScenePool and write a selection manifest.
 
     mose curate --method {random,coreset,uncertainty,mosaic,sead,semantic,autoscale} --pool DIR --budget N --out FILE.jsonl
-                [--config YAML] [--seed S] [--scores FILE] [--pilot {auto,fast,none}] [--plots DIR]
+                [--config YAML] [--seed S] [--scores FILE] [--predictions FILE] [--pilot {auto,fast,none}] [--plots DIR]
     mose curate --plan PLAN.yaml --out DIR ...   (per-stage plans: pipelines/curate_plan.py)
 
 The config YAML holds one section per method with that selector's parameters, plus a `pilot` section for
@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML with a section per method (selector parameters) and a 'pilot' section")
     parser.add_argument("--seed", type=int, help="random seed (overrides random_state in the config)")
     parser.add_argument("--scores", help="per-scene scores (CSV/JSON/JSONL with id and score): uncertainty, MOSAIC importance")
+    parser.add_argument("--predictions", help="semantic: the planner's trajectories per scene, a NAVSIM predictions file "
+                        "(.json / .csv / .pkl, eval/navsim/predictions.py; e.g. from `mose plan`) or .npz; default: the "
+                        "constant-turn-rate fallback")
     parser.add_argument("--pilot", choices=("auto", "fast", "none"), default="auto",
                         help="model feedback: auto = the fast pilot where the method uses one; none = no pilot")
     parser.add_argument("--plots", help="directory for plots (MOSAIC); default: <out stem>_plots/")
@@ -59,6 +62,19 @@ def build_selector(method: str, params: dict, seed: int | None, progress: bool, 
     if bad:
         raise SelectionError(f"{where}: section {m.section!r}: unknown parameter(s) {bad}; expected some of {m.parameters()}")
     return m.build(params, defaults={"progress": progress}, overrides={} if seed is None else {"random_state": seed})
+
+
+def read_planner_predictions(path: str):
+    """--predictions: a NAVSIM predictions file read by eval/navsim/predictions.py ({id: poses}); .npz stays a path
+    (curation.semantic.resolve_predictions reads it)."""
+    if str(path).lower().endswith(".npz"):
+        return path
+    from eval.navsim.predictions import read_predictions
+
+    trajectories, interval = read_predictions(path)
+    if interval is not None and abs(interval - 0.5) > 1e-9:
+        raise SelectionError(f"{path}: field 'interval_s': the semantic selector reads poses 0.5 s apart, got {interval}")
+    return trajectories
 
 
 def needs_pilot(method: str, params: dict, mode: str) -> bool:
@@ -93,6 +109,8 @@ def run(args) -> int:
         inputs = {}
         if args.scores:
             inputs["scores"] = args.scores
+        if args.predictions:
+            inputs["predictions"] = read_planner_predictions(args.predictions)
         pilot = None
         if needs_pilot(args.method, params, args.pilot):
             pilot = make_pilot(pool, cfg.get("pilot", {}), args.seed, args.config or "config")
@@ -118,7 +136,13 @@ def run(args) -> int:
     except (MoseError, OSError, KeyError, ValueError) as exc:  # ours, file problems, and plain bad values from a library
         print(f"mose curate: error: {exc}", file=sys.stderr)
         return 2
-    fb = f", {len(selection.fallbacks)} fallback(s) recorded" if selection.fallbacks else ""
+    fb = ""
+    if selection.fallbacks:
+        from curation.selection import manifest_paths
+
+        kinds = sorted({str(f.get("what")) for f in selection.fallbacks})
+        fb = (f", {len(selection.fallbacks)} fallback(s) recorded ({', '.join(kinds)}; read them under 'fallbacks' in "
+              f"{manifest_paths(rows_path)[1]})")
     print(f"mose curate: {args.method} selected {len(selection)} of {len(pool)} scenes -> {rows_path}{fb}")
     line = warned.summary("mose curate") if warned is not None else None
     if line:

@@ -85,6 +85,20 @@ def test_zero_gain_budget_is_split_by_remaining_capacity():
 
 # ---------------------------------------------------------------------------------------------- fit
 
+def test_pilots_far_below_tau_are_flagged_not_saturating():
+    """Pilot sizes 4..32 on a curve with tau = 2000 (the pilots see 1.6 % of the saturation, 1 - e^{-32/2000}):
+    ΔU is a straight line to within 0.8 % there, so a line through the origin fits as well as the saturating law
+    and the fit is flagged (kept, not a fallback); well-sampled curves stay "ok"."""
+    rng = np.random.default_rng(3)
+    n = np.array([4, 8, 16, 32.0])
+    y = saturating(n, 0.3, 2000.0) + rng.normal(0, 2e-4, len(n))
+    f = fit_saturating(n, y)
+    assert f.status == "not_saturating" and not f.is_fallback and f.n_max == 32.0
+    assert "extrapolated" in f.note
+    ok = fit_saturating(np.array([10, 20, 40, 80, 160.0]), saturating(np.array([10, 20, 40, 80, 160.0]), 0.2, 40.0))
+    assert ok.status == "ok" and ok.n_max == 160.0
+
+
 def test_fit_recovers_known_parameters_from_noisy_pilots():
     rng = np.random.default_rng(0)
     n = np.array([10, 20, 40, 80, 160, 320, 640.0])

@@ -78,6 +78,8 @@ def test_mosaic_and_sead_run_through_the_pilot(pool, tmp_path):
     pts = sel.state["pilot"]["points"]
     assert set(pts) == {"city", "hill", "town"} and all(p["n"] == [4, 16] for p in pts.values())
     assert sel.state["importance"]["source"] == "pilot model fitted on the base set"
+    for name, x in sel.state["allocation"].items():  # every domain's largest pilot run had 16 scenes
+        assert sel.state["allocation_over_largest_pilot"][name] == pytest.approx(x / 16, abs=1e-3)
     s = SEAD(n_rounds=2, progress=False).select(pool, 12, pilot=pilot, exclude=pilot.eval_ids)
     assert len(s) == 12 and s.state["rounds"][1]["pilot_metrics_before"]["n_train"] == 6
     assert 0.0 <= s.state["final_pilot_metrics"]["score"] <= 1.0
@@ -94,3 +96,66 @@ def test_cli_mosaic_with_the_fast_pilot(pool, tmp_path):
     assert header["num_selected"] == 15 and len(header["state"]["pilot_eval_ids"]) == 10
     assert not set(header["state"]["pilot_eval_ids"]) & {json.loads(l)["id"] for l in out.read_text().splitlines()}
     assert (tmp_path / "m_plots" / "mosaic_fits.png").is_file() and header["config"]["pilot"]["metric"] == "epdms"
+
+
+# ----------------------------------------------------------------------------------------------
+# SEAD's per-frame sets from the trained pilot (curation.sead.SetFeatureModel)
+
+
+def test_agent_features_are_the_fitted_planners_response_to_each_agent(pool, pilot):
+    """For the ridge planner f(x) = W ((x - mu) / sigma) + b (StandardScaler then Ridge), an agent's embedding
+    f(x with the agent in the nearest slot) - f(x with the slot padded at (100, 0, 0, 0)) is, by linearity,
+    W[:, s] ((a - pad) / sigma[s]) over the slot's 4 inputs s: derived here from the fitted coefficients."""
+    from curation.features import agent_set, planner_input_layout
+    from curation.sead import SetFeatureModel
+
+    train = [s for s in pool.ids if s not in set(pilot.eval_ids)]
+    pilot.fit(train)
+    assert isinstance(pilot, SetFeatureModel)
+    ids = [s for s in train if len(agent_set(pool[s])) >= 2][:3]
+    assert ids, "the fixture pool needs scenes with agents"
+    fs = pilot.set_features(ids, [pool[s].current_index for s in ids])
+    scaler, ridge = pilot.estimator_[0], pilot.estimator_[-1]
+    slot = np.arange(planner_input_layout()["agents"].start, planner_input_layout()["agents"].start + 4)
+    pad = np.array([100.0, 0.0, 0.0, 0.0])
+    for sid, emb, xy, conf in zip(ids, fs.agents, fs.det_xy, fs.det_conf):
+        a = agent_set(pool[sid])
+        want = ((a[:, :4] - pad) / scaler.scale_[slot]) @ ridge.coef_[:, slot].T
+        np.testing.assert_allclose(emb, want, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(xy, a[:, :2]) and np.testing.assert_array_equal(conf, np.ones(len(a)))
+    assert fs.source["agents"].startswith("model") and fs.source["map"].startswith("ground truth")
+
+
+def test_sead_selection_follows_the_pilots_features(pool):
+    """Two pilots that differ only in whether they react to agents (the second one's ridge weights on the agent
+    inputs are zeroed after every fit, so its agent embeddings are 0) give SEAD different feature shifts and so
+    different selections; a pilot without set_features is a recorded fallback to ground-truth sets."""
+    from curation.features import planner_input_layout
+    from curation.sead import SEAD
+    from tests.test_sead import RecordingPilot
+
+    class AgentBlindPilot(FastPilot):
+        def fit(self, ids):
+            super().fit(ids)
+            self.estimator_[-1].coef_[:, planner_input_layout()["agents"]] = 0.0
+            return self
+
+    def select(pilot):
+        return SEAD(n_rounds=3, progress=False, random_state=0).select(pool, 24, pilot=pilot, exclude=pilot.eval_ids)
+
+    reacting = FastPilot.from_pool(pool, eval_size=20, random_state=0)
+    deaf = AgentBlindPilot.from_pool(pool, eval_size=20, random_state=0)
+    a, b = select(reacting), select(deaf)
+    some = [s for s in b.ids if s not in set(deaf.eval_ids)][:5]
+    assert all(np.allclose(e, 0) for e in deaf.set_features(some).agents)  # the premise: it ignores agents
+    assert any(np.abs(e).sum() > 0 for e in reacting.set_features(some).agents)
+    assert a.ids[:8] == b.ids[:8]  # round 0 is stratified random: no model involved yet
+    assert a.ids != b.ids
+    assert a.state["feature_source"].startswith("model (FastPilot.set_features)")
+    assert "map: ground truth" in a.state["feature_source"]
+    assert [f["what"] for f in a.fallbacks if f["what"].startswith("feature_source")] == ["feature_source_partial"]
+    rec = RecordingPilot()
+    rec.eval_ids = reacting.eval_ids
+    c = select(rec)
+    assert c.state["feature_source"].startswith("ground truth")
+    assert [f["what"] for f in c.fallbacks if f["what"].startswith("feature_source")] == ["feature_source"]

@@ -157,7 +157,7 @@ class RecordingPilot:
 class QuietIsInterestingModel(RecordingPilot):
     """A fake model (tests only) whose features say the quiet clip changes a lot and detects a car at 1 m there."""
 
-    def set_features(self, ids):
+    def set_features(self, ids, frames):
         agents, maps, xy, conf = [], [], [], []
         for i in ids:
             k = int(i[-3:])

@@ -97,3 +97,26 @@ def test_interrupted_stage_resumes_to_the_uninterrupted_result(tmp_path_factory,
     # a finished stage is skipped on the next run
     again = run_training(cfg(crashed), progress=False)
     assert again["stages"]["skill_tune"]["steps"] == 4
+
+
+def test_head_decoder_under_zero2_matches_plain_pytorch_and_keeps_the_refit(tmp_path_factory, tmp_path):
+    """The planning head's loss and its post-stage refit through the DeepSpeed engine (which wraps the model and has a
+    `.config` of its own): the same losses, plan losses, refit and exported head as plain PyTorch."""
+    from training.runner import run_training
+
+    pool, manifests = session_pool(tmp_path_factory)
+    over = {"model.preset_args": {"trajectory_decoder": "head"}, "stages.skill_tune.plan_refit": {"steps": 20}}
+    runs = {}
+    for name, ds in (("plain", None), ("zero2", ZERO2)):
+        cfg = tiny_config(tmp_path / name, pool, manifests, deepspeed=ds, steps=2, only=("skill_tune",), **over)
+        runs[name] = run_training(cfg, progress=False)["stages"]["skill_tune"]
+    rows = {n: [json.loads(line) for line in (tmp_path / n / "skill_tune" / "log.jsonl").read_text().splitlines()] for n in runs}
+    plan = {n: [r["plan_loss"] for r in rows[n] if "plan_loss" in r] for n in runs}
+    assert len(plan["plain"]) == 2 and any(v > 0 for v in plan["plain"])  # a batch may hold no plan item
+    assert plan["zero2"] == pytest.approx(plan["plain"], rel=1e-5)
+    assert _losses(tmp_path / "zero2", "skill_tune") == pytest.approx(_losses(tmp_path / "plain", "skill_tune"), rel=1e-5)
+    refit = {n: runs[n]["plan_refit"] for n in runs}
+    assert refit["plain"]["steps"] == 20 and refit["plain"]["loss_after"] < refit["plain"]["loss_before"]
+    assert refit["zero2"]["loss_after"] == pytest.approx(refit["plain"]["loss_after"], rel=1e-3)
+    head = {n: {k: v for k, v in load_weights(tmp_path / n / "skill_tune" / "final").items() if k.startswith("plan_head.")} for n in runs}
+    assert head["plain"] and max_diff(head["zero2"], head["plain"]) < 1e-3

@@ -136,7 +136,8 @@ class MoSETrainer(Trainer):
             loss = self.lm_weight * outputs.lm_loss + outputs.aux_loss.to(outputs.lm_loss.dtype)
             plan = getattr(outputs, "plan_loss", None)
             if plan is not None:  # "head" decoder only (mose/trajectory_decoders.py); text batches never carry it
-                loss = loss + model.config.plan_loss_coef * plan.to(loss.dtype)
+                # self.model: under DeepSpeed `model` is the engine, whose `.config` is its own JSON dict
+                loss = loss + self.model.config.plan_loss_coef * plan.to(loss.dtype)
         else:
             loss = outputs.loss
         if loss is None:
